@@ -1,0 +1,1 @@
+"""Everything that touches Ray: ingest, training, evaluation, sweeps, tracking, the CLI."""

@@ -1,0 +1,68 @@
+"""Collapse diagnostics: is the embedding still using its dimensions, and does energy separate pairs?"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+
+from ssl_models.checks import check_embeddings, check_min_batch
+
+T = TypeVar("T")
+
+
+@torch.no_grad()
+def embedding_std(z: torch.Tensor) -> float:
+    """Mean over dimensions of the batch std of L2-normalised embeddings.
+
+    About 1/sqrt(D) for embeddings spread over the sphere, 0 when collapsed
+    (SimSiam, Chen & He 2021, sec. 4.1 and fig. 2).
+    """
+    check_embeddings("embedding_std", "z", z)
+    check_min_batch("embedding_std", z, 2)
+    return F.normalize(z.float(), dim=1).std(dim=0).mean().item()
+
+
+@torch.no_grad()
+def effective_rank(z: torch.Tensor, eps: float = 1e-7) -> float:
+    """RankMe (Garrido et al. 2023, eq. 1): exp of the entropy of the normalised singular values.
+
+    1 for a rank-one (collapsed) embedding, up to min(N, D) when all directions are used.
+    """
+    check_embeddings("effective_rank", "z", z)
+    check_min_batch("effective_rank", z, 2)
+    s = torch.linalg.svdvals(z.float())
+    p = s / (s.sum() + eps) + eps
+    return torch.exp(-(p * p.log()).sum()).item()
+
+
+def derange(x: T) -> T:
+    """Shift rows by one, so no row keeps its partner (works on tensors and tuples of them)."""
+    if isinstance(x, torch.Tensor):
+        return torch.roll(x, shifts=1, dims=0)
+    if isinstance(x, tuple):
+        return type(x)(*(derange(t) if t is not None else None for t in x))  # type: ignore[return-value]
+    raise TypeError(f"derange: cannot shuffle {type(x).__name__}")
+
+
+@torch.no_grad()
+def energy_gap(energy: Callable[[T, T], torch.Tensor], a: T, b: T) -> float:
+    """Mean energy of mismatched pairs minus mean energy of true pairs.
+
+    Positive when the energy tells compatible pairs from incompatible ones; <= 0 means
+    the energy surface is flat: collapse (LeCun 2022, sec. 4.4).
+    """
+    return (energy(a, derange(b)).mean() - energy(a, b).mean()).item()
+
+
+def collapse_report(
+    energy: Callable[[T, T], torch.Tensor], a: T, b: T, z: torch.Tensor
+) -> dict[str, float]:
+    """All three diagnostics at once, named as they are logged."""
+    return {
+        "embedding_std": embedding_std(z),
+        "effective_rank": effective_rank(z),
+        "energy_gap": energy_gap(energy, a, b),
+    }

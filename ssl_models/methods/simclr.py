@@ -1,0 +1,36 @@
+"""SimCLR (Chen et al. 2020): contrastive; the other 2N - 2 views in the batch are negatives."""
+
+from __future__ import annotations
+
+from ssl_models import functional as F_ssl
+from ssl_models.backbones import Backbone
+from ssl_models.distributed import gather_with_grad
+from ssl_models.heads import mlp
+from ssl_models.methods.base import Method, ViewEncoding
+
+
+class SimCLR(Method):
+    name = "simclr"
+    anti_collapse = "negatives"
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        proj_hidden_dim: int = 2048,
+        proj_dim: int = 128,
+        temperature: float = 0.1,
+        gather: bool = True,
+    ) -> None:
+        super().__init__(backbone)
+        self.projector = mlp(backbone.feature_dim, [proj_hidden_dim], proj_dim)
+        self.temperature = temperature
+        self.gather = gather
+
+    def encode(self, x):
+        return ViewEncoding(self.projector(self.backbone(x)))
+
+    def pair_loss(self, a: ViewEncoding, b: ViewEncoding):
+        z1, z2 = a.embedding, b.embedding
+        if self.gather:
+            z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
+        return F_ssl.nt_xent(z1, z2, self.temperature)

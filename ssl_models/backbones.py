@@ -60,7 +60,7 @@ def _regnet(
     feature_dim = model.fc.in_features
     model.fc = nn.Identity()
     if small_image_stem:
-        # Keep the stem's width, drop its stride: 32px inputs keep a 4x4 map at the end.
+        # Keep the stem's width, drop its stride: 32px inputs keep a 2x2 map at the end (not 1x1).
         conv = model.stem[0]
         model.stem[0] = nn.Conv2d(
             3, conv.out_channels, kernel_size=3, stride=1, padding=1, bias=False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -41,9 +42,15 @@ def effective_rank(z: torch.Tensor, eps: float = 1e-7) -> float:
 def derange(x: T) -> T:
     """Shift rows by one, so no row keeps its partner (works on tensors and tuples of them)."""
     if isinstance(x, torch.Tensor):
+        if x.ndim == 0 or x.shape[0] < 2:
+            raise ValueError(
+                f"derange: needs a batch of at least 2 rows to mismatch, got shape {tuple(x.shape)}"
+            )
         return torch.roll(x, shifts=1, dims=0)
     if isinstance(x, tuple):
-        return type(x)(*(derange(t) if t is not None else None for t in x))  # type: ignore[return-value]
+        parts = [derange(t) if t is not None else None for t in x]
+        # A NamedTuple (ViewEncoding) takes its fields positionally; a plain tuple takes one iterable.
+        return type(x)(*parts) if hasattr(x, "_fields") else tuple(parts)  # type: ignore[return-value]
     raise TypeError(f"derange: cannot shuffle {type(x).__name__}")
 
 
@@ -54,7 +61,10 @@ def energy_gap(energy: Callable[[T, T], torch.Tensor], a: T, b: T) -> float:
     Positive when the energy tells compatible pairs from incompatible ones; <= 0 means
     the energy surface is flat: collapse (LeCun 2022, sec. 4.4).
     """
-    return (energy(a, derange(b)).mean() - energy(a, b).mean()).item()
+    gap = (energy(a, derange(b)).mean() - energy(a, b).mean()).item()
+    if not math.isfinite(gap):
+        raise ValueError("energy_gap: the energies are NaN or Inf (check the inputs for NaN)")
+    return gap
 
 
 def collapse_report(

@@ -21,8 +21,8 @@ def mlp(
     Paper shapes, as used by ``ssl_models.methods``:
     - SimCLR projector (Chen et al. 2020): d -> [2048] -> 128.
     - BYOL projector and predictor (Grill et al. 2020): d -> [4096] -> 256.
-    - SimSiam projector (Chen & He 2021): d -> [2048, 2048] -> 2048, BN on the output;
-      predictor 2048 -> [512] -> 2048.
+    - SimSiam projector (Chen & He 2021): d -> [2048, 2048] -> 2048, BN (no affine) on the
+      output; predictor 2048 -> [512] -> 2048.
     - MoCo v3 (Chen et al. 2021): projector d -> [4096, 4096] -> 256 with BN (no affine)
       on the output; predictor 256 -> [4096] -> 256.
     - Barlow Twins (Zbontar et al. 2021) and VICReg (Bardes et al. 2022):

@@ -20,8 +20,13 @@ class SimSiam(Method):
         pred_hidden_dim: int = 512,
     ) -> None:
         super().__init__(backbone)
+        # Official code: the output BN has no affine parameters (BatchNorm1d(dim, affine=False)).
         self.projector = mlp(
-            backbone.feature_dim, [proj_hidden_dim, proj_hidden_dim], proj_dim, last_bn=True
+            backbone.feature_dim,
+            [proj_hidden_dim, proj_hidden_dim],
+            proj_dim,
+            last_bn=True,
+            last_bn_affine=False,
         )
         self.predictor = mlp(proj_dim, [pred_hidden_dim], proj_dim)
 

@@ -1,0 +1,79 @@
+"""What a training checkpoint holds, written and read with ``weights_only=True``-safe types."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import ray.train
+import torch
+from torch import nn
+
+STATE_FILE = "state.pt"
+
+
+@dataclass
+class Progress:
+    """Where training is: restored with the weights, so a resumed run continues exactly."""
+
+    step: int = 0
+    nonfinite_total: int = 0
+    images_seen: int = 0
+    mlflow_run_id: str = ""
+    last_knn_top1: float = -1.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def save_checkpoint(
+    directory: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    progress: Progress,
+) -> None:
+    """Model (EMA teacher and queues are part of its state_dict), optimiser, schedule, progress, RNG."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "progress": asdict(progress),
+        "torch_rng": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save(state, directory / STATE_FILE)
+
+
+def load_checkpoint(
+    checkpoint: ray.train.Checkpoint,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+) -> Progress:
+    with checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return Progress(**state["progress"])
+
+
+def report_with_checkpoint(
+    metrics: dict[str, float],
+    is_rank_zero: bool,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    progress: Progress,
+) -> None:
+    """``ray.train.report`` is a barrier: every worker calls it; rank 0 alone writes the checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if is_rank_zero:
+            save_checkpoint(Path(tmp), model, optimizer, schedule, progress)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)

@@ -1,0 +1,283 @@
+"""Source + recipe -> a Ray Dataset of uint8 views, ready for `TorchTrainer(datasets=...)`.
+
+Rows are decoded one by one inside `map_batches`: a row that fails is dropped and
+counted by reason in a named `IngestCounter` actor (read with `ingest_counts`),
+never the whole block.
+
+Epochs. `TorchTrainer` hands each worker one `streaming_split(n, equal=True)` shard
+of the dataset. Ray 2.60's `Dataset.union` runs all its inputs at once and
+interleaves their blocks (`UnionOperator`, even with `preserve_order`: round robin),
+so a union of per-epoch datasets would mix epochs. Instead the read plan itself
+holds `epochs` copies of the read units, epoch-major, each row carrying its
+`epoch`: one pass over a shard is the whole run, in epoch order up to the blocks
+in flight, and the `epoch` column tells the loop where it is. Views are drawn
+from `np.random.default_rng([seed, epoch, crc32(key)])`: the same (seed, epoch,
+row) gives the same views on any worker and any run, and each epoch new ones.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import ray
+from PIL import Image
+
+from pipelines.ingest.crops import views_from_bytes
+from pipelines.ingest.decode import DEFAULT_MAX_PIXELS, UndecodableImage, decode_pil
+from pipelines.ingest.recipes import ViewRecipe
+from pipelines.ingest.sources import ImageSource, read_raw_rows
+
+COUNTER_NAMESPACE = "darkmatter-ingest"
+
+# Seam for masked / predictive methods (a later issue): called once per decoded
+# row with that row's generator, after the crops; returns extra per-row arrays
+# (e.g. {"mask": bool (H', W')}) that become columns of the dataset.
+MaskGenerator = Callable[[np.random.Generator], dict[str, np.ndarray]]
+
+
+# --- counting -------------------------------------------------------------------
+
+
+@ray.remote(num_cpus=0)
+class IngestCounter:
+    """Sums the decoded / skipped-by-reason counts that the map tasks report."""
+
+    def __init__(self) -> None:
+        self._decoded = 0
+        self._skipped: Counter[str] = Counter()
+
+    def add(self, decoded: int, skipped_by_reason: dict[str, int]) -> None:
+        self._decoded += decoded
+        self._skipped.update(skipped_by_reason)
+
+    def counts(self) -> dict[str, Any]:
+        return {
+            "decoded": self._decoded,
+            "skipped": sum(self._skipped.values()),
+            "skipped_by_reason": dict(sorted(self._skipped.items())),
+        }
+
+    def reset(self) -> None:
+        self._decoded = 0
+        self._skipped.clear()
+
+
+# Handles held by the driver: a named actor lives while its owner holds a handle.
+_DRIVER_COUNTERS: dict[str, Any] = {}
+# Handles looked up inside map tasks, cached per worker process.
+_TASK_COUNTERS: dict[str, Any] = {}
+
+
+def _actor_name(counter: str) -> str:
+    return f"IngestCounter:{counter}"
+
+
+def ingest_counter(counter: str, *, reset: bool = False):
+    """Get or create the named `IngestCounter` actor; `reset` zeroes it."""
+    handle = IngestCounter.options(
+        name=_actor_name(counter), namespace=COUNTER_NAMESPACE, get_if_exists=True
+    ).remote()
+    _DRIVER_COUNTERS[counter] = handle
+    if reset:
+        ray.get(handle.reset.remote())
+    return handle
+
+
+def ingest_counts(counter: str = "train") -> dict[str, Any]:
+    """{decoded, skipped, skipped_by_reason} summed over everything read so far."""
+    handle = _DRIVER_COUNTERS.get(counter) or ray.get_actor(
+        _actor_name(counter), namespace=COUNTER_NAMESPACE
+    )
+    return ray.get(handle.counts.remote())
+
+
+def _report(counter: str, decoded: int, skipped: Counter[str]) -> None:
+    handle = _TASK_COUNTERS.get(counter)
+    if handle is None:
+        handle = ray.get_actor(_actor_name(counter), namespace=COUNTER_NAMESPACE)
+        _TASK_COUNTERS[counter] = handle
+    # Waited for, so that the counts are complete when the consumer has the rows.
+    ray.get(handle.add.remote(decoded, dict(skipped)))
+
+
+# --- views ----------------------------------------------------------------------
+
+
+def row_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """The generator of one row's views: (seed, epoch, crc32 of the key)."""
+    return np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
+
+
+def _stack(arrays: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    return np.stack(arrays) if arrays else np.zeros((0, *shape), np.uint8)
+
+
+def _views_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    recipe: ViewRecipe,
+    seed: int,
+    counter: str,
+    max_pixels: int,
+    keep_key: bool,
+    mask_generator: MaskGenerator | None,
+) -> dict[str, np.ndarray]:
+    views: list[list[np.ndarray]] = [[] for _ in recipe.views]
+    kept: list[int] = []
+    masks: dict[str, list[np.ndarray]] = {}
+    skipped: Counter[str] = Counter()
+    for i, (data, key, epoch) in enumerate(zip(batch["bytes"], batch["key"], batch["epoch"])):
+        rng = row_rng(seed, int(epoch), str(key))
+        try:
+            row_views = views_from_bytes(data, recipe, rng, max_pixels=max_pixels)
+        except UndecodableImage as err:
+            skipped[err.reason] += 1
+            continue
+        for column, view in zip(views, row_views, strict=True):
+            column.append(view)
+        if mask_generator is not None:
+            for name, array in mask_generator(rng).items():
+                masks.setdefault(name, []).append(array)
+        kept.append(i)
+    _report(counter, len(kept), skipped)
+    out = {
+        f"view_{v}": _stack(column, (3, spec.size, spec.size))
+        for v, (column, spec) in enumerate(zip(views, recipe.views, strict=True))
+    }
+    for name, arrays in masks.items():
+        out[name] = np.stack(arrays)
+    for column in ("label", "epoch") + (("key",) if keep_key else ()):
+        if column in batch:
+            out[column] = batch[column][kept]
+    return out
+
+
+def view_dataset(
+    source: ImageSource,
+    recipe: ViewRecipe,
+    *,
+    seed: int,
+    epochs: int = 1,
+    counter: str = "train",
+    batch_size: int = 64,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    shuffle_units: bool = True,
+    keep_key: bool = False,
+    mask_generator: MaskGenerator | None = None,
+    concurrency: int | tuple[int, int] | None = None,
+) -> ray.data.Dataset:
+    """The CPU half of `recipe` over `source`, for `epochs` epochs (see module doc).
+
+    Columns: `view_i` uint8 (3, S_i, S_i) for each view of the recipe, `epoch`
+    int64, `label` int64 when `source.label_column` is set (and `key` with
+    `keep_key`, for debugging: strings do not batch into tensors). The read units
+    are visited in a new order every epoch (seeded) unless `shuffle_units=False`.
+    Decode failures are counted in the `IngestCounter` named `counter` (reset here;
+    use one name per concurrent run). `mask_generator` is the seam for masked
+    methods (unused by the presets). The photometric half runs on the batch:
+    `photometric(batch[f"view_{i}"], recipe.views[i], generator)`.
+    """
+    if seed < 0:
+        raise ValueError(f"view_dataset: seed={seed!r} must be >= 0")
+    if epochs < 1:
+        raise ValueError(f"view_dataset: epochs={epochs!r} must be >= 1")
+    ingest_counter(counter, reset=True)
+    raw = read_raw_rows(source, epochs=epochs, shuffle_seed=seed if shuffle_units else None)
+    return raw.map_batches(
+        _views_batch,
+        fn_kwargs=dict(
+            recipe=recipe,
+            seed=seed,
+            counter=counter,
+            max_pixels=max_pixels,
+            keep_key=keep_key,
+            mask_generator=mask_generator,
+        ),
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=concurrency,
+    )
+
+
+# --- evaluation -----------------------------------------------------------------
+
+
+def resize_center_crop(image: Image.Image, size: int, crop_fraction: float = 1.0) -> np.ndarray:
+    """Shorter side to round(size / crop_fraction), central size x size: (3, S, S) uint8.
+
+    torchvision's evaluation transform (Resize + CenterCrop; ImageNet uses 0.875).
+    """
+    short = round(size / crop_fraction)
+    width, height = image.size
+    scale = short / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    # One resample: the crop box expressed in source pixels.
+    box = (left / scale, top / scale, (left + size) / scale, (top + size) / scale)
+    resized = image.resize((size, size), Image.Resampling.BILINEAR, box=box)
+    return np.asarray(resized).transpose(2, 0, 1)
+
+
+def _eval_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    size: int,
+    crop_fraction: float,
+    counter: str,
+    max_pixels: int,
+    keep_key: bool,
+) -> dict[str, np.ndarray]:
+    images, kept = [], []
+    skipped: Counter[str] = Counter()
+    target = round(size / crop_fraction)
+    for i, data in enumerate(batch["bytes"]):
+        try:
+            image = decode_pil(data, max_pixels=max_pixels, target_min_side=target)
+        except UndecodableImage as err:
+            skipped[err.reason] += 1
+            continue
+        images.append(resize_center_crop(image, size, crop_fraction))
+        kept.append(i)
+    _report(counter, len(kept), skipped)
+    out = {"image": _stack(images, (3, size, size)), "label": batch["label"][kept]}
+    if keep_key:
+        out["key"] = batch["key"][kept]
+    return out
+
+
+def labeled_eval_dataset(
+    source: ImageSource,
+    size: int,
+    *,
+    crop_fraction: float = 1.0,
+    counter: str = "eval",
+    batch_size: int = 128,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    keep_key: bool = False,
+) -> ray.data.Dataset:
+    """`image` uint8 (3, size, size) resized + center-cropped, no augmentation, and `label`.
+
+    For kNN monitors and linear evaluation; undecodable rows are skipped and
+    counted in the `IngestCounter` named `counter` (reset here).
+    """
+    if source.label_column is None:
+        raise ValueError("labeled_eval_dataset: ImageSource.label_column is required")
+    if not 0 < crop_fraction <= 1:
+        raise ValueError(f"labeled_eval_dataset: crop_fraction={crop_fraction!r} not in (0, 1]")
+    ingest_counter(counter, reset=True)
+    return read_raw_rows(source).map_batches(
+        _eval_batch,
+        fn_kwargs=dict(
+            size=size,
+            crop_fraction=crop_fraction,
+            counter=counter,
+            max_pixels=max_pixels,
+            keep_key=keep_key,
+        ),
+        batch_size=batch_size,
+        batch_format="numpy",
+    )

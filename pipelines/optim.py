@@ -1,0 +1,113 @@
+"""Optimisers and the learning-rate schedule: SGD, AdamW, LARS; linear warmup + cosine."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pipelines.config import OptimConfig
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise adaptive rate scaling (You et al. 2017), as used by SimCLR, BYOL and
+    Barlow Twins for large batches: each parameter's update is scaled by
+    eta * ||w|| / ||g + wd w||. Groups with ``lars_exclude=True`` (norms, biases) get
+    neither adaptation nor weight decay (Grill et al. 2020, appendix C.1).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eta: float = 0.001,
+    ):
+        super().__init__(
+            params,
+            {
+                "lr": lr,
+                "momentum": momentum,
+                "weight_decay": weight_decay,
+                "eta": eta,
+                "lars_exclude": False,
+            },
+        )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if not group["lars_exclude"]:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    w_norm, u_norm = torch.norm(p), torch.norm(update)
+                    trust = torch.where(
+                        (w_norm > 0) & (u_norm > 0),
+                        group["eta"] * w_norm / u_norm,
+                        torch.ones_like(w_norm),
+                    )
+                    update = update.mul(trust)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.clone(update).detach()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(update)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return loss
+
+
+def scaled_lr(config: OptimConfig, global_batch_size: int) -> float:
+    """Goyal et al. 2017 linear scaling (lr = base * B / 256), or the square-root rule."""
+    ratio = global_batch_size / 256
+    factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[config.lr_scaling]
+    return config.base_lr * factor
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Norm layers and biases (1-D parameters) get no weight decay and no LARS adaptation."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
+        {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
+    ]
+
+
+def build_optimizer(
+    model: nn.Module, config: OptimConfig, global_batch_size: int
+) -> torch.optim.Optimizer:
+    lr = scaled_lr(config, global_batch_size)
+    groups = parameter_groups(model, config.weight_decay)
+    if config.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum)
+    if config.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=config.betas)
+    return LARS(groups, lr=lr, momentum=config.momentum, eta=config.lars_eta)
+
+
+def build_schedule(
+    optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warmup from ~0 over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` (Loshchilov & Hutter 2017)."""
+    warmup = config.warmup_steps
+    if warmup >= total_steps:
+        raise ValueError(
+            f"optim.warmup_steps ({warmup}) must be shorter than the run ({total_steps} steps)"
+        )
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,240 @@
+"""``darkmatter pretrain``: validate the config, connect to Ray (embedded or a cluster),
+build the streaming dataset, and run the worker loop on a ``TorchTrainer``."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from pipelines.config import (
+    ConfigError,
+    RunConfig,
+    SourceConfig,
+    config_to_yaml,
+    flatten,
+    load_config,
+)
+from pipelines.ingest.dataset import count_rows, labeled_eval_dataset, view_dataset
+from pipelines.ingest.sources import ImageSource
+from pipelines.tracking import RunTracker, default_tracking_uri, redact_uri, start_or_resume_run
+from pipelines.train import train_loop_per_worker
+
+
+@dataclass
+class PretrainResult:
+    run_name: str
+    steps: int
+    knn_top1: float | None
+    mlflow_run_id: str | None
+    tracking_uri: str
+    run_dir: str
+    tracking_problem: str | None
+
+
+def absolute(path: str) -> str:
+    """Local paths made absolute (Ray tasks run in other directories); URIs unchanged."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def image_source(source: SourceConfig) -> ImageSource:
+    fields = source.model_dump()
+    paths = fields["path"]
+    fields["path"] = [absolute(p) for p in paths] if isinstance(paths, list) else absolute(paths)
+    return ImageSource(**fields)
+
+
+def has_checkpoint(storage_path: str, run_name: str) -> bool:
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+    selector = pyarrow.fs.FileSelector(f"{root}/{run_name}", allow_not_found=True)
+    return any(
+        info.base_name.startswith("checkpoint_") for info in filesystem.get_file_info(selector)
+    )
+
+
+def connect_ray(address: str | None, config: RunConfig) -> None:
+    """A cluster when an address is given (or RAY_ADDRESS), else an embedded local Ray.
+
+    The embedded Ray gets enough logical CPUs for the trainers plus two for Ray Data,
+    and no dashboard (nothing listens beyond 127.0.0.1).
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    needed = config.train.num_workers * config.train.cpus_per_worker + 2
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, needed),
+        include_dashboard=False,
+        configure_logging=True,
+        logging_level="WARNING",
+    )
+
+
+def plan_steps(config: RunConfig, num_rows: int) -> tuple[int, int]:
+    """(total steps, steps per epoch) from the schedule and the number of training images."""
+    steps_per_epoch = num_rows // config.train.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"train.batch_size ({config.train.batch_size}) is larger than the training set "
+            f"({num_rows} images at {config.data.train.path})"
+        )
+    total = config.schedule.steps or steps_per_epoch * (config.schedule.epochs or 1)
+    if config.optim.warmup_steps >= total:
+        raise ConfigError(
+            f"optim.warmup_steps ({config.optim.warmup_steps}) must be shorter than the run ({total} steps)"
+        )
+    return total, steps_per_epoch
+
+
+def open_mlflow_run(config: RunConfig, tracking_uri: str, resuming: bool) -> str | None:
+    """The run's MLflow id, or None (with a warning) when MLflow cannot be reached."""
+    try:
+        run_id, _ = start_or_resume_run(
+            tracking_uri, config.tracking.experiment, config.name, resuming
+        )
+    except Exception as error:  # noqa: BLE001 - training goes on without MLflow
+        print(
+            f"[darkmatter] WARNING: MLflow at {redact_uri(tracking_uri)} cannot be reached "
+            f"({type(error).__name__}); training goes on and metrics are kept locally.",
+            file=sys.stderr,
+        )
+        return None
+    return run_id
+
+
+def run_pretraining(config: RunConfig, address: str | None = None) -> PretrainResult:
+    storage_path = absolute(config.checkpoint.storage_path)
+    tracking_uri = config.tracking.tracking_uri or default_tracking_uri(
+        storage_path if "://" not in storage_path else "."
+    )
+    local_dir = (
+        Path(storage_path if "://" not in storage_path else Path.home() / ".darkmatter" / "runs")
+        / config.name
+        / "darkmatter"
+    )
+    local_dir.mkdir(parents=True, exist_ok=True)
+    resuming = has_checkpoint(storage_path, config.name)
+
+    connect_ray(address, config)
+    train_source = image_source(config.data.train)
+    total_steps, steps_per_epoch = plan_steps(config, count_rows(train_source))
+    epochs_covered = math.ceil(total_steps / steps_per_epoch)
+    recipe = config.data.recipe.build()
+    datasets = {
+        "train": view_dataset(train_source, recipe, seed=config.train.seed, epochs=epochs_covered)
+    }
+    if config.data.knn_bank is not None and config.data.knn_query is not None:
+        size = recipe.views[0].size
+        datasets["knn_bank"] = labeled_eval_dataset(image_source(config.data.knn_bank), size)
+        datasets["knn_query"] = labeled_eval_dataset(image_source(config.data.knn_query), size)
+
+    mlflow_run_id = open_mlflow_run(config, tracking_uri, resuming)
+    tracker = RunTracker(tracking_uri, mlflow_run_id, local_dir)
+    config_file = local_dir / "config.yaml"
+    config_file.write_text(config_to_yaml(config))
+    if not resuming:
+        tracker.log_params(flatten(config.model_dump(mode="json")))
+        tracker.log_params({"total_steps": total_steps, "steps_per_epoch": steps_per_epoch})
+    tracker.log_artifact(config_file)
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "total_steps": total_steps,
+            "steps_per_epoch": steps_per_epoch,
+            "mlflow_run_id": mlflow_run_id if tracker.online else None,
+            "tracking_uri": tracking_uri,
+            "local_dir": str(local_dir),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.train.num_workers,
+            use_gpu=config.train.use_gpu,
+            resources_per_worker={"CPU": config.train.cpus_per_worker}
+            | ({"GPU": 1} if config.train.use_gpu else {}),
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.name,
+            storage_path=storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
+            failure_config=ray.train.FailureConfig(
+                max_failures=config.checkpoint.max_failures,
+                controller_failure_limit=config.checkpoint.max_failures,
+            ),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    problem_file = local_dir / "tracking_problem.txt"
+    problem = problem_file.read_text().strip() if problem_file.exists() else None
+    knn = (result.metrics or {}).get("knn_top1")
+    return PretrainResult(
+        run_name=config.name,
+        steps=int((result.metrics or {}).get("step", total_steps)),
+        knn_top1=knn if knn is not None and knn >= 0 else None,
+        mlflow_run_id=mlflow_run_id,
+        tracking_uri=tracking_uri,
+        run_dir=str(local_dir),
+        tracking_problem=problem or tracker.problem(),
+    )
+
+
+def print_summary(result: PretrainResult) -> None:
+    print(f"\n[darkmatter] run {result.run_name!r} finished after {result.steps} steps.")
+    if result.knn_top1 is not None:
+        print(f"[darkmatter] kNN top-1 accuracy: {100 * result.knn_top1:.2f}%")
+    print(f"[darkmatter] run files (config, backbone.pt, curves, metrics): {result.run_dir}")
+    if result.tracking_problem:
+        print(f"[darkmatter] WARNING: {result.tracking_problem}")
+    elif result.mlflow_run_id:
+        uri = redact_uri(result.tracking_uri)
+        print(f"[darkmatter] MLflow run {result.mlflow_run_id} in {uri}")
+        print(f"[darkmatter] open it with: mlflow ui --backend-store-uri '{uri}' --host 127.0.0.1")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config, args.set)
+    except ConfigError as error:
+        print(f"darkmatter pretrain: {error}", file=sys.stderr)
+        return 2
+    try:
+        result = run_pretraining(config, args.address)
+    except ConfigError as error:
+        print(f"darkmatter pretrain: {error}", file=sys.stderr)
+        return 2
+    except ray.train.TrainingFailedError as error:
+        print(f"darkmatter pretrain: training failed: {error}", file=sys.stderr)
+        return 1
+    print_summary(result)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "pretrain", help="pretrain a backbone with a self-supervised method"
+    )
+    parser.add_argument("--config", help="YAML run config (see configs/)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.batch_size=128 (repeatable)",
+    )
+    parser.add_argument(
+        "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)"
+    )
+    parser.set_defaults(func=run_command)

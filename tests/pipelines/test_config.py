@@ -1,0 +1,70 @@
+"""The run config: every ready config validates; bad ones are refused with the field named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+MINIMAL = ["data.train.path=data/cifar10-sample/train.parquet", "schedule.steps=10"]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_ready_configs_validate(path):
+    config = load_config(path)
+    assert config.name
+    assert config.data.recipe.build().views
+
+
+def test_overrides_are_typed_and_nested():
+    config = load_config(None, [*MINIMAL, "train.batch_size=64", "method.options.temperature=0.5"])
+    assert config.train.batch_size == 64
+    assert config.method.options == {"temperature": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.batch_sze=64"], "train.batch_sze: unknown key"),
+        (["train.batch_size=many"], "train.batch_size: Input should be a valid integer"),
+        (
+            ["train.batch_size=1", "train.num_workers=2"],
+            "train.batch_size (1) is smaller than train.num_workers (2)",
+        ),
+        (
+            ["optim.warmup_steps=10"],
+            "optim.warmup_steps (10) must be shorter than schedule.steps (10)",
+        ),
+        (["method.name=simclrr"], "unknown method 'simclrr'; accepted: barlow_twins, byol"),
+        (["method.options.tau=0.1"], "method 'simclr' has no option tau"),
+        (["method.options.temperature=cold"], "method option 'temperature' must be float"),
+        (["backbone.name=resnet19"], "unknown backbone 'resnet19'"),
+        (["optim.name=adam"], "optim.name: Input should be 'sgd', 'adamw' or 'lars'"),
+        (["data.recipe.overrides.jitter_strength=2"], "unknown override(s) ['jitter_strength']"),
+        (["data.knn_bank.path=x"], "knn_bank and knn_query must be given together"),
+        (["name=my run"], "name: String should match pattern"),
+    ],
+)
+def test_bad_config_names_the_field(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [*MINIMAL, *overrides])
+    assert message in str(error.value)
+
+
+def test_missing_data_source_is_named():
+    with pytest.raises(ConfigError, match="data: Field required"):
+        load_config(None, ["schedule.steps=10"])
+
+
+def test_bad_files_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["train.batch_size"])

@@ -1,0 +1,125 @@
+"""Backbones: every name builds and returns (N, feature_dim); stems, checkpoints, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchvision import models
+
+from ssl_models.backbones import BACKBONES, Backbone, build_backbone
+
+# name -> (build options, input side, feature dim stated by the paper's architecture)
+SMALL_BUILDS = {
+    "resnet18": ({"small_image_stem": True}, 32, 512),
+    "regnet_y_400mf": ({"small_image_stem": True}, 32, 440),
+    "vit_tiny": ({"small_image_stem": True, "image_size": 32}, 32, 192),
+    "resnet50": ({}, 32, 2048),
+    "regnet_y_1_6gf": ({}, 32, 888),
+    "regnet_y_16gf": ({}, 32, 3024),
+    "vit_small": ({"small_image_stem": True, "image_size": 32}, 32, 384),
+}
+
+
+def test_every_backbone_is_covered():
+    assert set(SMALL_BUILDS) == set(BACKBONES)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_BUILDS))
+def test_backbone_returns_features_of_its_stated_dimension(name):
+    options, side, feature_dim = SMALL_BUILDS[name]
+    torch.manual_seed(0)
+    backbone = build_backbone(name, **options).eval()
+    assert isinstance(backbone, Backbone)
+    assert backbone.name == name
+    assert backbone.feature_dim == feature_dim
+    with torch.no_grad():
+        features = backbone(torch.randn(2, 3, side, side))
+    assert features.shape == (2, feature_dim)
+    assert torch.isfinite(features).all()
+
+
+def _final_map_side(backbone: Backbone, side: int) -> int:
+    """Spatial side of the feature map that the global pool reduces."""
+    seen = []
+    hook = backbone.model.avgpool.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    with torch.no_grad():
+        backbone.eval()(torch.randn(2, 3, side, side))
+    hook.remove()
+    return seen[0][-1]
+
+
+@pytest.mark.parametrize(
+    ("name", "standard_side", "small_side"),
+    [("resnet18", 1, 4), ("regnet_y_400mf", 1, 2)],
+)
+def test_small_image_stem_keeps_resolution_on_32px(name, standard_side, small_side):
+    # The standard stems divide 32px down to a 1x1 map; the CIFAR stem keeps more of it.
+    assert _final_map_side(build_backbone(name), 32) == standard_side
+    assert _final_map_side(build_backbone(name, small_image_stem=True), 32) == small_side
+
+
+def test_vit_small_stem_uses_4px_patches():
+    vit = build_backbone("vit_tiny", small_image_stem=True, image_size=32).model
+    assert vit.patch_size == 4
+    assert vit.seq_length == (32 // 4) ** 2 + 1  # patches plus the class token
+    assert build_backbone("vit_tiny", image_size=32).model.patch_size == 16
+
+
+def test_vit_image_size_must_be_a_multiple_of_the_patch():
+    with pytest.raises(ValueError, match="image_size 30 is not a multiple of the patch size 4"):
+        build_backbone("vit_tiny", small_image_stem=True, image_size=30)
+
+
+def test_resnet18_state_dict_loads_strictly_into_plain_torchvision():
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18").eval()
+    plain = models.resnet18(weights=None)
+    plain.fc = nn.Identity()
+    plain.load_state_dict(backbone.model.state_dict(), strict=True)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(images), backbone(images))
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("resnet18", {"small_image_stem": True}),
+        ("regnet_y_400mf", {"small_image_stem": True}),
+        ("vit_tiny", {"small_image_stem": True, "image_size": 32}),
+    ],
+)
+def test_state_dict_round_trips_strictly_between_same_builds(name, options):
+    torch.manual_seed(0)
+    source = build_backbone(name, **options).eval()
+    torch.manual_seed(1)
+    target = build_backbone(name, **options).eval()
+    target.model.load_state_dict(source.model.state_dict(), strict=True)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(target(images), source(images))
+
+
+def test_small_stem_checkpoint_does_not_load_into_standard_stem():
+    small = build_backbone("resnet18", small_image_stem=True)
+    standard = build_backbone("resnet18")
+    with pytest.raises(RuntimeError, match="conv1.weight"):
+        standard.model.load_state_dict(small.model.state_dict(), strict=True)
+
+
+def test_unknown_backbone_name_lists_the_accepted_names():
+    with pytest.raises(ValueError, match="unknown backbone 'resnet19'") as info:
+        build_backbone("resnet19")
+    for name in BACKBONES:
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(3, 32, 32), (2, 1, 32, 32), (2, 32, 32, 3), (2, 3 * 32 * 32)],
+)
+def test_wrong_image_shape_is_refused_with_the_shape(shape):
+    backbone = build_backbone("resnet18", small_image_stem=True)
+    with pytest.raises(ValueError, match=r"resnet18: images must have shape \(N, 3, H, W\)"):
+        backbone(torch.zeros(shape))

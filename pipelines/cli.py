@@ -8,7 +8,7 @@ import sys
 
 # Each module defines `register(subparsers)`, which adds its subparser and sets
 # `func(args) -> int` as the handler.
-COMMAND_MODULES: tuple[str, ...] = ("pipelines.inspect",)
+COMMAND_MODULES: tuple[str, ...] = ("pipelines.inspect", "pipelines.pretrain", "pipelines.jobs")
 
 
 def build_parser() -> argparse.ArgumentParser:

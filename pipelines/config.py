@@ -103,6 +103,9 @@ class RecipeConfig(Strict):
 
 class DataConfig(Strict):
     train: SourceConfig
+    # Images in the training set, for epoch-based schedules when the source cannot be
+    # counted from listings or metadata (webdataset shards).
+    num_images: int | None = Field(None, gt=0)
     recipe: RecipeConfig = Field(default_factory=RecipeConfig)
     # Labeled splits for the online kNN monitor; both or neither.
     knn_bank: SourceConfig | None = None
@@ -161,10 +164,17 @@ class TrainConfig(Strict):
     diagnostics_every: int = Field(50, gt=0)
     max_nonfinite_in_a_row: int = Field(5, gt=0)
     prefetch_batches: int = Field(2, ge=0)
+    # How Ray places the training workers (ray.train.ScalingConfig.placement_strategy):
+    # PACK fills a node first; SPREAD / STRICT_SPREAD put workers on different nodes.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 class CheckpointConfig(Strict):
+    # Ray Train storage: a local path, a mounted shared path (NFS), or a URI (s3://...).
     storage_path: str = "runs"
+    # A local storage_path that every node mounts at the same place (NFS, Lustre...).
+    # Multi-node runs refuse a local storage_path unless this is set (see pipelines.placement).
+    shared_storage: bool = False
     every_steps: int = Field(200, gt=0)
     keep: int = Field(3, gt=0)
     max_failures: int = Field(3, ge=-1)

@@ -23,8 +23,9 @@ from pipelines.config import (
     flatten,
     load_config,
 )
-from pipelines.ingest.dataset import count_rows, labeled_eval_dataset, view_dataset
-from pipelines.ingest.sources import ImageSource
+from pipelines.ingest.dataset import ingest_counts, labeled_eval_dataset, view_dataset
+from pipelines.ingest.sources import ImageSource, plan_units
+from pipelines.placement import check_checkpoint_storage
 from pipelines.tracking import RunTracker, default_tracking_uri, redact_uri, start_or_resume_run
 from pipelines.train import train_loop_per_worker
 
@@ -38,6 +39,7 @@ class PretrainResult:
     tracking_uri: str
     run_dir: str
     tracking_problem: str | None
+    ingest: dict
 
 
 def absolute(path: str) -> str:
@@ -79,6 +81,19 @@ def connect_ray(address: str | None, config: RunConfig) -> None:
         configure_logging=True,
         logging_level="WARNING",
     )
+
+
+def count_images(source: ImageSource, declared: int | None) -> int:
+    """Images in the training set, from file listings and parquet metadata (nothing decoded)."""
+    if declared is not None:
+        return declared
+    _, units = plan_units(source)
+    if any(unit.get("rows") is None for unit in units):
+        raise ConfigError(
+            f"data.num_images: the images in {source.path} cannot be counted without reading "
+            "every shard (webdataset); set data.num_images, or schedule.steps"
+        )
+    return sum(unit["rows"] for unit in units)
 
 
 def plan_steps(config: RunConfig, num_rows: int) -> tuple[int, int]:
@@ -127,17 +142,28 @@ def run_pretraining(config: RunConfig, address: str | None = None) -> PretrainRe
     resuming = has_checkpoint(storage_path, config.name)
 
     connect_ray(address, config)
+    check_checkpoint_storage(config, storage_path)
     train_source = image_source(config.data.train)
-    total_steps, steps_per_epoch = plan_steps(config, count_rows(train_source))
+    total_steps, steps_per_epoch = plan_steps(
+        config, count_images(train_source, config.data.num_images)
+    )
     epochs_covered = math.ceil(total_steps / steps_per_epoch)
     recipe = config.data.recipe.build()
+    counters = {split: f"{config.name}/{split}" for split in ("train", "knn_bank", "knn_query")}
     datasets = {
-        "train": view_dataset(train_source, recipe, seed=config.train.seed, epochs=epochs_covered)
+        "train": view_dataset(
+            train_source,
+            recipe,
+            seed=config.train.seed,
+            epochs=epochs_covered,
+            counter=counters["train"],
+        )
     }
     if config.data.knn_bank is not None and config.data.knn_query is not None:
         size = recipe.views[0].size
-        datasets["knn_bank"] = labeled_eval_dataset(image_source(config.data.knn_bank), size)
-        datasets["knn_query"] = labeled_eval_dataset(image_source(config.data.knn_query), size)
+        for split in ("knn_bank", "knn_query"):
+            source = image_source(getattr(config.data, split))
+            datasets[split] = labeled_eval_dataset(source, size, counter=counters[split])
 
     mlflow_run_id = open_mlflow_run(config, tracking_uri, resuming)
     tracker = RunTracker(tracking_uri, mlflow_run_id, local_dir)
@@ -157,10 +183,12 @@ def run_pretraining(config: RunConfig, address: str | None = None) -> PretrainRe
             "mlflow_run_id": mlflow_run_id if tracker.online else None,
             "tracking_uri": tracking_uri,
             "local_dir": str(local_dir),
+            "ingest_counter": counters["train"],
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.train.num_workers,
             use_gpu=config.train.use_gpu,
+            placement_strategy=config.train.placement_strategy,
             resources_per_worker={"CPU": config.train.cpus_per_worker}
             | ({"GPU": 1} if config.train.use_gpu else {}),
         ),
@@ -177,6 +205,7 @@ def run_pretraining(config: RunConfig, address: str | None = None) -> PretrainRe
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
+    skipped = ingest_counts(counters["train"])
     problem_file = local_dir / "tracking_problem.txt"
     problem = problem_file.read_text().strip() if problem_file.exists() else None
     knn = (result.metrics or {}).get("knn_top1")
@@ -188,11 +217,17 @@ def run_pretraining(config: RunConfig, address: str | None = None) -> PretrainRe
         tracking_uri=tracking_uri,
         run_dir=str(local_dir),
         tracking_problem=problem or tracker.problem(),
+        ingest=skipped,
     )
 
 
 def print_summary(result: PretrainResult) -> None:
     print(f"\n[darkmatter] run {result.run_name!r} finished after {result.steps} steps.")
+    counts = result.ingest
+    print(
+        f"[darkmatter] images decoded {counts['decoded']}, skipped {counts['skipped']}"
+        + (f" {counts['skipped_by_reason']}" if counts["skipped"] else "")
+    )
     if result.knn_top1 is not None:
         print(f"[darkmatter] kNN top-1 accuracy: {100 * result.knn_top1:.2f}%")
     print(f"[darkmatter] run files (config, backbone.pt, curves, metrics): {result.run_dir}")

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from pipelines.checkpointing import Progress, load_checkpoint, report_with_checkpoint
 from pipelines.config import RunConfig
+from pipelines.ingest.dataset import ingest_counts
 from pipelines.ingest.photometric import photometric
 from pipelines.ingest.recipes import ViewSpec
 from pipelines.optim import build_optimizer, build_schedule
@@ -198,7 +199,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 progress.step % config.train.log_every == 0 or progress.step == total_steps
             ):
                 elapsed = time.perf_counter() - window["start"]
+                counts = ingest_counts(loop_config["ingest_counter"])
                 metrics = {
+                    "images_decoded": float(counts["decoded"]),
+                    "images_skipped": float(counts["skipped"]),
                     "loss": window["loss"] / max(1, window["steps"]),
                     "lr": optimizer.param_groups[0]["lr"],
                     "img_per_s": window["all_steps"] * config.train.batch_size / elapsed,

@@ -1,4 +1,8 @@
-"""Streaming ingest: sources -> decode -> views, as Ray Datasets (see docs/INGEST.md)."""
+"""Streaming ingest: sources -> decode -> views, as Ray Datasets (see docs/INGEST.md).
+
+The device half, `photometric`, is imported from `pipelines.ingest.views` (a package
+attribute of that name would hide the `photometric` module).
+"""
 
 from pipelines.ingest.dataset import (
     ingest_counts,
@@ -13,7 +17,6 @@ from pipelines.ingest.views import (
     byol,
     crop_views,
     multicrop,
-    photometric,
     recipe_from_dict,
     simclr,
 )
@@ -29,7 +32,6 @@ __all__ = [
     "ingest_counts",
     "labeled_eval_dataset",
     "multicrop",
-    "photometric",
     "read_raw",
     "recipe_from_dict",
     "simclr",

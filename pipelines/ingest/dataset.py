@@ -78,10 +78,13 @@ def _actor_name(counter: str) -> str:
 
 def ingest_counter(counter: str, *, reset: bool = False):
     """Get or create the named `IngestCounter` actor; `reset` zeroes it."""
-    handle = IngestCounter.options(
-        name=_actor_name(counter), namespace=COUNTER_NAMESPACE, get_if_exists=True
-    ).remote()
-    _DRIVER_COUNTERS[counter] = handle
+    handle = _DRIVER_COUNTERS.get(counter)
+    if handle is None:
+        # Keep the first (owning) handle: the actor dies when its owner's handles go.
+        handle = IngestCounter.options(
+            name=_actor_name(counter), namespace=COUNTER_NAMESPACE, get_if_exists=True
+        ).remote()
+        _DRIVER_COUNTERS[counter] = handle
     if reset:
         ray.get(handle.reset.remote())
     return handle
@@ -130,7 +133,9 @@ def _views_batch(
     kept: list[int] = []
     masks: dict[str, list[np.ndarray]] = {}
     skipped: Counter[str] = Counter()
-    for i, (data, key, epoch) in enumerate(zip(batch["bytes"], batch["key"], batch["epoch"])):
+    for i, (data, key, epoch) in enumerate(
+        zip(batch["bytes"], batch["key"], batch["epoch"], strict=True)
+    ):
         rng = row_rng(seed, int(epoch), str(key))
         try:
             row_views = views_from_bytes(data, recipe, rng, max_pixels=max_pixels)

@@ -41,6 +41,9 @@ class PhotometricParams:
     def to(self, device: torch.device) -> PhotometricParams:
         return PhotometricParams(**{k: v.to(device) for k, v in vars(self).items()})
 
+    def rows(self, start: int, stop: int) -> PhotometricParams:
+        return PhotometricParams(**{k: v[start:stop] for k, v in vars(self).items()})
+
 
 def sample_photometric_params(
     n: int,
@@ -181,6 +184,11 @@ def _apply_where(x: torch.Tensor, mask: torch.Tensor, op, *args: torch.Tensor) -
     x.index_copy_(0, idx, op(x.index_select(0, idx), *subset_args))
 
 
+# On the CPU, elementwise ops are bound by memory passes: chunks of ~2^18 pixels keep
+# the temporaries in cache (at 224 px, 5 views; 128-view chunks ran 3x slower).
+_CPU_CHUNK_PIXELS = 1 << 18
+
+
 def apply_photometric(
     views: torch.Tensor, spec: ViewSpec, params: PhotometricParams
 ) -> torch.Tensor:
@@ -190,6 +198,18 @@ def apply_photometric(
             f"photometric: views must be uint8 (N, 3, S, S), got {views.dtype} {tuple(views.shape)}"
         )
     params = params.to(views.device)
+    n, _, h, w = views.shape
+    chunk = max(1, _CPU_CHUNK_PIXELS // (h * w)) if views.device.type == "cpu" else max(n, 1)
+    out = torch.empty(views.shape, dtype=torch.float32, device=views.device)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        out[start:stop] = _photometric_chunk(views[start:stop], spec, params.rows(start, stop))
+    return out
+
+
+def _photometric_chunk(
+    views: torch.Tensor, spec: ViewSpec, params: PhotometricParams
+) -> torch.Tensor:
     x = views.to(torch.float32).div_(255.0)
     for slot in range(4):
         for op_index, (name, op) in _JITTER_OPS.items():

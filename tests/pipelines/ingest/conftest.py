@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 import tarfile
-import zlib
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from ingest_files import bad_files
 
 # Dummy credentials for the local moto S3 server. Set at collection, before the
 # session's `ray.init`, because Ray workers inherit the driver's environment then.
@@ -21,38 +18,6 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-
-
-def encode(image: Image.Image, fmt: str = "JPEG", **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
-
-
-def random_rgb(size: int = 64, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
-
-
-def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A tiny PNG whose header claims width x height pixels (a decompression bomb)."""
-    data = bytearray(encode(Image.new("L", (8, 8)), "PNG"))
-    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
-    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13]))
-    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
-    return bytes(data)
-
-
-def bad_files() -> dict[str, bytes]:
-    """name -> bytes of files that must be skipped, with the reason as the name's stem."""
-    good = encode(random_rgb(64))
-    return {
-        "truncated.jpg": good[: len(good) // 2],
-        "empty.jpg": b"",
-        "not_an_image.jpg": b"<html>404 not found</html>\n",
-        "too_many_pixels.png": png_bomb(),
-    }
 
 
 @pytest.fixture(scope="session")

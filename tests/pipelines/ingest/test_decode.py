@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import bad_files, encode, png_bomb, random_rgb
+from ingest_files import bad_files, encode, png_bomb, random_rgb
 from PIL import Image
 
 from pipelines.ingest.decode import REASONS, UndecodableImage, decode_rgb

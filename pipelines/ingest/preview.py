@@ -1,0 +1,45 @@
+"""A grid of augmented views to look at: one row per image, one column per view."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipelines.ingest.crops import views_from_bytes
+from pipelines.ingest.photometric import photometric
+from pipelines.ingest.recipes import ViewRecipe
+
+
+def views_grid(
+    images: list[bytes], recipe: ViewRecipe, *, seed: int = 0, cell: int = 96, pad: int = 2
+) -> Image.Image:
+    """Both halves of `recipe` on each image, de-normalised back to pixels."""
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    crops = [views_from_bytes(data, recipe, rng) for data in images]
+    columns = []
+    for v, spec in enumerate(recipe.views):
+        batch = torch.from_numpy(np.stack([row[v] for row in crops]))
+        out = photometric(batch, spec, generator)
+        mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std).view(1, 3, 1, 1)
+        pixels = ((out * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+        columns.append(pixels.permute(0, 2, 3, 1).numpy())
+    step = cell + pad
+    grid = Image.new("RGB", (len(recipe.views) * step, len(images) * step), "white")
+    for row in range(len(images)):
+        for v, column in enumerate(columns):
+            tile = Image.fromarray(column[row]).resize((cell, cell), Image.Resampling.NEAREST)
+            grid.paste(tile, (v * step, row * step))
+    return grid
+
+
+def save_views_grid(path: str | Path, images: list[bytes], recipe: ViewRecipe, **kwargs) -> Path:
+    """Write `views_grid(...)` as a PNG; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    views_grid(images, recipe, **kwargs).save(path, format="PNG")
+    return path

@@ -1,0 +1,206 @@
+"""`darkmatter pretrain` end to end: real Ray, real MLflow store, the committed sample images."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+import torchvision
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from pipelines.cli import main as cli_main
+from pipelines.config import load_config
+from pipelines.pretrain import run_pretraining
+from pipelines.tracking import RUN_NAME_TAG
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "data" / "cifar10-sample"
+
+
+def tiny_run(tmp_path: Path, name: str, *extra: str, steps: int = 6):
+    """A short SimCLR run on the sample: ResNet-18 (standard stem) at 32px, 2 CPU workers."""
+    return load_config(
+        None,
+        [
+            f"name={name}",
+            f"data.train.path={SAMPLE / 'train.parquet'}",
+            "data.recipe.size=32",
+            f"data.knn_bank.path={SAMPLE / 'train.parquet'}",
+            "data.knn_bank.label_column=label",
+            f"data.knn_query.path={SAMPLE / 'test.parquet'}",
+            "data.knn_query.label_column=label",
+            "data.knn_k=20",
+            "method.name=simclr",
+            "method.options.proj_hidden_dim=128",
+            "method.options.proj_dim=32",
+            "backbone.name=resnet18",
+            f"schedule.steps={steps}",
+            "optim.name=sgd",
+            "optim.base_lr=0.1",
+            "train.batch_size=32",
+            "train.num_workers=2",
+            "train.log_every=2",
+            "train.diagnostics_every=2",
+            f"checkpoint.storage_path={tmp_path / 'runs'}",
+            "checkpoint.every_steps=3",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "tracking.experiment=tests",
+            *extra,
+        ],
+    )
+
+
+def mlflow_run(config):
+    client = MlflowClient(config.tracking.tracking_uri)
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{config.name}'"
+    )
+    assert len(runs) == 1, f"expected one MLflow run named {config.name}, found {len(runs)}"
+    return client, runs[0]
+
+
+def test_pretrain_end_to_end_is_tracked_in_mlflow(ray_session, tmp_path):
+    config = tiny_run(tmp_path, "e2e")
+    result = run_pretraining(config)
+    assert result.steps == 6
+    assert result.tracking_problem is None
+    assert 0.0 <= result.knn_top1 <= 1.0
+
+    client, run = mlflow_run(config)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["method.name"] == "simclr"
+    assert run.data.params["train.batch_size"] == "32"
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in losses] == [2, 4, 6]
+    assert all(torch.isfinite(torch.tensor(m.value)) for m in losses)
+    for key in (
+        "effective_rank",
+        "embedding_std",
+        "energy_gap",
+        "img_per_s",
+        "data_wait_share",
+        "knn_top1",
+    ):
+        assert key in run.data.metrics, key
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"backbone.pt", "config.yaml", "training_curves.png"} <= artifacts
+    local = Path(client.download_artifacts(run.info.run_id, "backbone.pt", str(tmp_path)))
+    state = torch.load(local, weights_only=True)
+    model = torchvision.models.resnet18(weights=None)
+    model.fc = nn.Identity()
+    model.load_state_dict(state, strict=True)
+    png = Path(client.download_artifacts(run.info.run_id, "training_curves.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_rerun_with_the_same_name_resumes_from_the_checkpoint(ray_session, tmp_path):
+    first = tiny_run(tmp_path, "resume", steps=3)
+    run_pretraining(first)
+    second = tiny_run(tmp_path, "resume", steps=6)
+    result = run_pretraining(second)
+    assert result.steps == 6
+    client, run = mlflow_run(second)  # the same MLflow run continues
+    assert run.data.tags["resumed_from_step"] == "3"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 3, 4, 6]
+
+
+def training_worker_pids() -> list[int]:
+    """PIDs of this Ray session's live training workers (from the GCS actor table)."""
+    from ray._private import state
+
+    return [
+        actor["Pid"]
+        for actor in state.actors().values()
+        if actor["ActorClassName"] == "RayTrainWorker" and actor["State"] == "ALIVE"
+    ]
+
+
+def committed_checkpoints(run_dir: Path) -> list[int]:
+    """Steps of the checkpoints the controller has registered (its snapshot on storage)."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
+        return []
+    try:
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+    except (json.JSONDecodeError, KeyError):
+        return []
+    return [int(r["metrics"]["step"]) for r in results]
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint(ray_session, tmp_path):
+    config = tiny_run(
+        tmp_path, "fault", "checkpoint.max_failures=2", "checkpoint.every_steps=2", steps=14
+    )
+    run_dir = tmp_path / "runs" / "fault"
+    killed: list[tuple[int, list[int]]] = []
+
+    def kill_after_first_committed_checkpoint() -> None:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            committed = committed_checkpoints(run_dir)
+            pids = training_worker_pids()
+            if committed and pids:
+                os.kill(pids[-1], signal.SIGKILL)
+                killed.append((pids[-1], committed))
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_after_first_committed_checkpoint, daemon=True)
+    killer.start()
+    result = run_pretraining(config)
+    killer.join(timeout=5)
+    assert killed, "no training worker was found to kill"
+    committed_at_kill = killed[0][1]
+    assert result.steps == 14
+    client, run = mlflow_run(config)
+    resumed_from = int(run.data.tags["resumed_from_step"])
+    # Restarted from a committed checkpoint: the one seen at the kill or a later one.
+    assert resumed_from >= max(committed_at_kill) > 0
+    assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == 14
+
+
+def test_unreachable_mlflow_does_not_stop_training(ray_session, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tiny_run(
+        tmp_path, "offline", f"tracking.tracking_uri=http://127.0.0.1:{port}", steps=4
+    )
+    result = run_pretraining(config)
+    assert result.steps == 4
+    assert result.tracking_problem is not None and "could not be reached" in result.tracking_problem
+    metrics_file = Path(result.run_dir) / "metrics.jsonl"
+    assert metrics_file.exists() and str(metrics_file) in result.tracking_problem
+    assert (Path(result.run_dir) / "backbone.pt").exists()
+
+
+def test_bad_config_is_refused_before_ray_starts(tmp_path, capsys):
+    was_running = ray.is_initialized()
+    code = cli_main(
+        [
+            "pretrain",
+            "--set",
+            f"data.train.path={SAMPLE / 'train.parquet'}",
+            "--set",
+            "train.batch_sze=8",
+        ]
+    )
+    assert code == 2
+    assert "train.batch_sze: unknown key" in capsys.readouterr().err
+    assert ray.is_initialized() == was_running
+
+
+@pytest.mark.parametrize("config_file", ["demo.yaml"])
+def test_cli_parses_ready_configs(config_file):
+    assert load_config(REPO / "configs" / config_file).train.num_workers == 2

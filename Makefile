@@ -28,3 +28,7 @@ test: lint
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+
+# Pretrain on the committed sample with 2 CPU workers, an embedded Ray and a local MLflow store.
+demo: $(STAMP)
+	$(VENV)/bin/darkmatter pretrain --config configs/demo.yaml

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.fs
 import ray
+import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
@@ -65,8 +66,8 @@ def has_checkpoint(storage_path: str, run_name: str) -> bool:
 def connect_ray(address: str | None, config: RunConfig) -> None:
     """A cluster when an address is given (or RAY_ADDRESS), else an embedded local Ray.
 
-    The embedded Ray gets enough logical CPUs for the trainers plus two for Ray Data,
-    and no dashboard (nothing listens beyond 127.0.0.1).
+    The embedded Ray gets enough logical CPUs for the trainers plus two for Ray Data;
+    its dashboard listens on 127.0.0.1 only.
     """
     if ray.is_initialized():
         return
@@ -76,8 +77,10 @@ def connect_ray(address: str | None, config: RunConfig) -> None:
         return
     needed = config.train.num_workers * config.train.cpus_per_worker + 2
     ray.init(
+        address="local",  # a new embedded Ray, never one already running on this machine
         num_cpus=max(os.cpu_count() or 1, needed),
-        include_dashboard=False,
+        include_dashboard=True,  # the state API needs it; bound to 127.0.0.1 only
+        dashboard_host="127.0.0.1",
         configure_logging=True,
         logging_level="WARNING",
     )
@@ -94,6 +97,13 @@ def count_images(source: ImageSource, declared: int | None) -> int:
             "every shard (webdataset); set data.num_images, or schedule.steps"
         )
     return sum(unit["rows"] for unit in units)
+
+
+def quiet_ray_data() -> None:
+    """No per-operator progress bars from Ray Data: the training loop prints its own lines."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
 
 
 def plan_steps(config: RunConfig, num_rows: int) -> tuple[int, int]:
@@ -149,6 +159,7 @@ def run_pretraining(config: RunConfig, address: str | None = None) -> PretrainRe
     )
     epochs_covered = math.ceil(total_steps / steps_per_epoch)
     recipe = config.data.recipe.build()
+    quiet_ray_data()
     counters = {split: f"{config.name}/{split}" for split in ("train", "knn_bank", "knn_query")}
     datasets = {
         "train": view_dataset(

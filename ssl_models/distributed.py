@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
+
+# torch 2.14 flags torch.distributed.nn's all_gather as deprecated in favour of a private
+# module; it remains the public autograd-aware all-gather, so we keep it, quietly.
+warnings.filterwarnings(
+    "ignore", message="torch.distributed.nn.functional.all_gather is deprecated"
+)
 
 
 def is_distributed() -> bool:

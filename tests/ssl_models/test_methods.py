@@ -144,7 +144,7 @@ def test_cosine_momentum_schedule():
 def test_update_teacher_moves_by_the_scheduled_momentum(name, progress):
     method = small_method(name, base_momentum=0.9).train()
     student = nn.Sequential(method.backbone, method.projector)
-    for t, s in zip(method.teacher.module.parameters(), student.parameters()):
+    for t, s in zip(method.teacher.module.parameters(), student.parameters(), strict=True):
         torch.testing.assert_close(t, s)  # the teacher starts as a copy
     # Take a real optimiser step so the student moves away from the teacher.
     optimiser = torch.optim.SGD(method.parameters(), lr=0.5)
@@ -152,16 +152,16 @@ def test_update_teacher_moves_by_the_scheduled_momentum(name, progress):
     optimiser.step()
     before = [t.clone() for t in method.teacher.module.parameters()]
     moved = [s.detach().clone() for s in student.parameters()]
-    assert any(not torch.equal(b, s) for b, s in zip(before, moved))
+    assert any(not torch.equal(b, s) for b, s in zip(before, moved, strict=True))
 
     method.update_teacher(progress)
 
     m = cosine_momentum(0.9, progress)
     assert method.teacher.momentum == pytest.approx(m)
-    for t, b, s in zip(method.teacher.module.parameters(), before, moved):
+    for t, b, s in zip(method.teacher.module.parameters(), before, moved, strict=True):
         torch.testing.assert_close(t, m * b + (1 - m) * s)
     # Buffers (BN running statistics) follow the student exactly.
-    for t, s in zip(method.teacher.module.buffers(), student.buffers()):
+    for t, s in zip(method.teacher.module.buffers(), student.buffers(), strict=True):
         torch.testing.assert_close(t, s)
 
 

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import tarfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from ingest_files import bad_files
+
+# The helpers module sits beside this file; the suite runs with --import-mode=importlib,
+# which does not put test folders on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ingest_files import bad_files  # noqa: E402
 
 # Dummy credentials for the local moto S3 server. Set at collection, before the
 # session's `ray.init`, because Ray workers inherit the driver's environment then.

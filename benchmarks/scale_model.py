@@ -2,7 +2,7 @@
 
     python benchmarks/scale_model.py --config configs/simclr_imagenet.yaml
     python benchmarks/scale_model.py --config configs/simclr_imagenet.yaml --gpus 1000 \
-        --images 1e9 --epochs 100 --cpu-img-s-core 310
+        --images 1e9 --epochs 100 --cpu-img-s-core 523.1
 
 Every figure printed carries its origin:
   measured  here, by this script (FLOPs with torch's FlopCounterMode, the checkpoint

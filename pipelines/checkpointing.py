@@ -65,15 +65,17 @@ def load_checkpoint(
 def report_with_checkpoint(
     metrics: dict[str, float],
     is_rank_zero: bool,
+    save: bool,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
     progress: Progress,
 ) -> None:
-    """``ray.train.report`` is a barrier: every worker calls it; rank 0 alone writes the checkpoint."""
+    """``ray.train.report`` is a barrier: every worker calls it; rank 0 alone writes the
+    checkpoint, when ``save``."""
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
-        if is_rank_zero:
+        if is_rank_zero and save:
             save_checkpoint(Path(tmp), model, optimizer, schedule, progress)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)

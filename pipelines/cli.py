@@ -8,7 +8,14 @@ import sys
 
 # Each module defines `register(subparsers)`, which adds its subparser and sets
 # `func(args) -> int` as the handler.
-COMMAND_MODULES: tuple[str, ...] = ("pipelines.inspect", "pipelines.pretrain", "pipelines.jobs")
+COMMAND_MODULES: tuple[str, ...] = (
+    "pipelines.inspect",
+    "pipelines.pretrain",
+    "pipelines.jobs",
+    "pipelines.tune",
+    "pipelines.evaluate",
+    "pipelines.embed",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

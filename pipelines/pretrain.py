@@ -122,11 +122,13 @@ def plan_steps(config: RunConfig, num_rows: int) -> tuple[int, int]:
     return total, steps_per_epoch
 
 
-def open_mlflow_run(config: RunConfig, tracking_uri: str, resuming: bool) -> str | None:
+def open_mlflow_run(
+    config: RunConfig, tracking_uri: str, resuming: bool, parent_run_id: str | None = None
+) -> str | None:
     """The run's MLflow id, or None (with a warning) when MLflow cannot be reached."""
     try:
         run_id, _ = start_or_resume_run(
-            tracking_uri, config.tracking.experiment, config.name, resuming
+            tracking_uri, config.tracking.experiment, config.name, resuming, parent_run_id
         )
     except Exception as error:  # noqa: BLE001 - training goes on without MLflow
         print(
@@ -138,7 +140,15 @@ def open_mlflow_run(config: RunConfig, tracking_uri: str, resuming: bool) -> str
     return run_id
 
 
-def run_pretraining(config: RunConfig, address: str | None = None) -> PretrainResult:
+def run_pretraining(
+    config: RunConfig,
+    address: str | None = None,
+    *,
+    parent_run_id: str | None = None,
+    trainer_callbacks: list | None = None,
+) -> PretrainResult:
+    """Run (or resume) one pretraining run; ``parent_run_id`` nests its MLflow run under a
+    sweep's, ``trainer_callbacks`` go to the trainer's RunConfig (Tune's report callback)."""
     storage_path = absolute(config.checkpoint.storage_path)
     tracking_uri = config.tracking.tracking_uri or default_tracking_uri(
         storage_path if "://" not in storage_path else "."
@@ -176,7 +186,7 @@ def run_pretraining(config: RunConfig, address: str | None = None) -> PretrainRe
             source = image_source(getattr(config.data, split))
             datasets[split] = labeled_eval_dataset(source, size, counter=counters[split])
 
-    mlflow_run_id = open_mlflow_run(config, tracking_uri, resuming)
+    mlflow_run_id = open_mlflow_run(config, tracking_uri, resuming, parent_run_id)
     tracker = RunTracker(tracking_uri, mlflow_run_id, local_dir)
     config_file = local_dir / "config.yaml"
     config_file.write_text(config_to_yaml(config))
@@ -211,6 +221,7 @@ def run_pretraining(config: RunConfig, address: str | None = None) -> PretrainRe
                 max_failures=config.checkpoint.max_failures,
                 controller_failure_limit=config.checkpoint.max_failures,
             ),
+            callbacks=trainer_callbacks,
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),

@@ -43,7 +43,11 @@ def redact_uri(text: str) -> str:
 
 
 def start_or_resume_run(
-    tracking_uri: str, experiment: str, run_name: str, resuming: bool
+    tracking_uri: str,
+    experiment: str,
+    run_name: str,
+    resuming: bool,
+    parent_run_id: str | None = None,
 ) -> tuple[str, bool]:
     """(run id, is new): the latest run named ``run_name`` when the training run resumes
     from a checkpoint, else a new run."""
@@ -65,7 +69,10 @@ def start_or_resume_run(
     if resuming and previous:
         client.update_run(previous[0].info.run_id, status="RUNNING")
         return previous[0].info.run_id, False
-    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
+    tags = {RUN_NAME_TAG: run_name}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id  # shown nested under the sweep's run
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     return run.info.run_id, True
 
 

@@ -30,6 +30,9 @@ from ssl_models.diagnostics import collapse_report
 from ssl_models.methods import Method, build_method
 from ssl_models.probes import knn_accuracy
 
+# Metrics each report carries (rank 0's latest values): what Tune schedules and stops on.
+REPORTED = ("loss", "effective_rank", "energy_gap", "embedding_std")
+
 
 class NonFiniteLossError(RuntimeError):
     """Raised after too many non-finite steps in a row; Ray Train then restores the last checkpoint."""
@@ -144,6 +147,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     generator = torch.Generator(device=device)
     nonfinite_in_a_row = 0
+    latest: dict[str, float] = {}
     window = {"loss": 0.0, "steps": 0, "all_steps": 0, "wait": 0.0, "start": time.perf_counter()}
     model.train()
     while progress.step < total_steps:
@@ -245,18 +249,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 )
             if tracker is not None and metrics:
                 tracker.log_metrics(metrics, progress.step)
-            if progress.step % config.checkpoint.every_steps == 0 or progress.step == total_steps:
+            # Every worker reports at the same steps (a barrier): diagnostics steps feed Tune's
+            # schedulers and stoppers; checkpoint steps also carry rank 0's checkpoint.
+            latest.update({k: metrics[k] for k in REPORTED if k in metrics})
+            latest["step"] = progress.step
+            save_now = (
+                progress.step % config.checkpoint.every_steps == 0 or progress.step == total_steps
+            )
+            if save_now or progress.step % config.train.diagnostics_every == 0:
+                report = dict(
+                    latest,
+                    knn_top1=progress.last_knn_top1,
+                    nonfinite_steps=progress.nonfinite_total,
+                )
                 report_with_checkpoint(
-                    {
-                        "step": progress.step,
-                        "knn_top1": progress.last_knn_top1,
-                        "nonfinite_steps": progress.nonfinite_total,
-                    },
-                    is_rank_zero,
-                    model,
-                    optimizer,
-                    schedule,
-                    progress,
+                    report, is_rank_zero, save_now, model, optimizer, schedule, progress
                 )
             if progress.step >= total_steps:
                 break

@@ -3,7 +3,9 @@
 Only this part needs the full image, so it runs where the bytes are decoded. The
 crop boxes are drawn from the image *header* first, so that a JPEG is decoded at
 the smallest DCT scale (1/2, 1/4, 1/8) that still gives every crop at least its
-output resolution (`views_from_bytes`).
+output resolution (`views_from_bytes`). Plain JPEGs decoded at full scale go
+through torchvision's libjpeg-turbo decoder; every crop is resized by torch's
+antialiased bilinear `interpolate` on uint8 (SIMD on the CPU, and PIL's filter).
 """
 
 from __future__ import annotations
@@ -12,10 +14,24 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from pipelines.ingest.decode import DEFAULT_MAX_PIXELS, ImageInput, load_rgb, open_image
+from pipelines.ingest.decode import (
+    DEFAULT_MAX_PIXELS,
+    ImageInput,
+    UndecodableImage,
+    check_size,
+    decode_plain_jpeg,
+    load_rgb,
+    open_image,
+    plain_jpeg_size,
+    read_bytes,
+)
 from pipelines.ingest.recipes import ViewRecipe, ViewSpec
+
+_ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params
 
 
 @dataclass(frozen=True)
@@ -33,19 +49,24 @@ def sample_crop(width: int, height: int, spec: ViewSpec, rng: np.random.Generato
     """torchvision `RandomResizedCrop.get_params`, drawn from `rng`, then the flip coin.
 
     Area fraction ~ U(scale), log aspect ratio ~ U(log ratio), 10 attempts, then the
-    central crop clamped to the ratio range (torchvision 0.29, transforms.py).
+    central crop clamped to the ratio range (torchvision 0.29, transforms.py). The
+    uniforms of all attempts, the offsets and the flip come from one `rng.random`
+    call (a generator call costs more than the arithmetic); the offsets are
+    floor(u * (n + 1)), uniform on 0..n like `randint`.
     """
+    u = rng.random(2 * _ATTEMPTS + 3).tolist()
     area = width * height
-    log_ratio = (math.log(spec.ratio[0]), math.log(spec.ratio[1]))
+    log_low, log_high = math.log(spec.ratio[0]), math.log(spec.ratio[1])
+    scale_low, scale_span = spec.scale[0], spec.scale[1] - spec.scale[0]
     box = None
-    for _ in range(10):
-        target_area = area * rng.uniform(spec.scale[0], spec.scale[1])
-        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+    for attempt in range(_ATTEMPTS):
+        target_area = area * (scale_low + scale_span * u[2 * attempt])
+        aspect = math.exp(log_low + (log_high - log_low) * u[2 * attempt + 1])
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
+            top = int(u[-3] * (height - h + 1))
+            left = int(u[-2] * (width - w + 1))
             box = (left, top, w, h)
             break
     if box is None:
@@ -57,8 +78,7 @@ def sample_crop(width: int, height: int, spec: ViewSpec, rng: np.random.Generato
         else:
             w, h = width, height
         box = ((width - w) // 2, (height - h) // 2, w, h)
-    flip = bool(rng.random() < spec.flip_p)
-    return CropBox(*box, flip=flip)
+    return CropBox(*box, flip=u[-1] < spec.flip_p)
 
 
 def sample_crops(
@@ -84,18 +104,36 @@ def decode_side_for(
     return math.ceil(min(width, height) / reduction)
 
 
-def _resize_crop(image: Image.Image, box: CropBox, size: int, scale: float) -> np.ndarray:
-    pil_box = (
-        box.left * scale,
-        box.top * scale,
-        (box.left + box.width) * scale,
-        (box.top + box.height) * scale,
-    )
-    # Bilinear with antialiasing on downscale: torchvision's RandomResizedCrop default.
-    resized = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=pil_box))
-    if box.flip:
-        resized = resized[:, ::-1]
-    return resized.transpose(2, 0, 1)
+def as_pixels(image: np.ndarray | Image.Image) -> torch.Tensor:
+    """An (H, W, 3) uint8 array or RGB PIL image as uint8 (3, H, W), in (H, W, 3) memory."""
+    array = np.ascontiguousarray(image)
+    if not array.flags.writeable:  # PIL's buffer: torch refuses to wrap read-only memory
+        array = array.copy()
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def resize_crop(pixels: torch.Tensor, box: CropBox, size: int, scale: float = 1.0) -> np.ndarray:
+    """One view: `box` (full-size coordinates) of `pixels` (decoded at `scale`) -> (3, S, S).
+
+    Bilinear with antialiasing on downscale: torchvision's RandomResizedCrop default.
+    At a reduced decode scale the box edges snap to the nearest decoded pixel (at
+    most half a pixel there; the crop still holds >= `size` decoded pixels). The
+    result may be a strided view (channels last, flipped): `np.stack` copies it.
+    """
+    left, top = box.left, box.top
+    right, bottom = left + box.width, top + box.height
+    if scale != 1.0:
+        _, height, width = pixels.shape
+        left, right = min(round(left * scale), width - 1), min(round(right * scale), width)
+        top, bottom = min(round(top * scale), height - 1), min(round(bottom * scale), height)
+        right, bottom = max(right, left + 1), max(bottom, top + 1)
+    crop = pixels[None, :, top:bottom, left:right]
+    if crop.shape[-2:] == (size, size):
+        out = crop[0].numpy()
+    else:
+        resized = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)
+        out = resized[0].numpy()
+    return out[:, :, ::-1] if box.flip else out
 
 
 def crop_views(
@@ -110,12 +148,13 @@ def crop_views(
             raise ValueError(
                 f"crop_views: image must be (H, W, 3) uint8, got {image.shape} {image.dtype}"
             )
-        image = Image.fromarray(image, "RGB")
-    width, height = image.size
+    elif image.mode != "RGB":
+        raise ValueError(f"crop_views: PIL image must be RGB, got {image.mode}")
+    pixels = as_pixels(image)
+    _, height, width = pixels.shape
     boxes = sample_crops(width, height, recipe, rng)
     return [
-        _resize_crop(image, box, spec.size, 1.0)
-        for box, spec in zip(boxes, recipe.views, strict=True)
+        resize_crop(pixels, box, spec.size) for box, spec in zip(boxes, recipe.views, strict=True)
     ]
 
 
@@ -126,16 +165,36 @@ def views_from_bytes(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[np.ndarray]:
-    """Decode + crop in one pass: boxes from the header, then a reduced-DCT decode.
+    """Decode + crop in one pass: boxes from the header, then the cheapest decode.
 
-    Same distribution as `crop_views(decode_rgb(data), ...)`; raises `UndecodableImage`.
+    A plain JPEG's size comes from its frame header; when every crop allows a
+    reduction by >= 2, PIL decodes at 1/2, 1/4 or 1/8 DCT scale (`draft`), else
+    torchvision decodes it at full size. Other formats, odd JPEGs and JPEGs that
+    torchvision refuses go through PIL, which gives a bad file its reason. Same
+    distribution as `crop_views(decode_rgb(data), ...)`; raises `UndecodableImage`.
     """
-    header = open_image(data, max_pixels=max_pixels)
-    width, height = header.size
+    raw = read_bytes(data)
+    header = None
+    size = plain_jpeg_size(raw)
+    if size is None:
+        header = open_image(raw, max_pixels=max_pixels)
+        size = header.size
+    else:
+        check_size(*size, max_pixels=max_pixels)
+    width, height = size
     boxes = sample_crops(width, height, recipe, rng)
-    image = load_rgb(header, target_min_side=decode_side_for(width, height, boxes, recipe))
-    scale = image.size[0] / width
+    side = decode_side_for(width, height, boxes, recipe)
+    pixels = None
+    if header is None and side is None:
+        try:
+            pixels = decode_plain_jpeg(raw)
+        except UndecodableImage:
+            pass  # PIL decides: it accepts JPEGs with recoverable warnings
+    if pixels is None:
+        header = header or open_image(raw, max_pixels=max_pixels)
+        pixels = as_pixels(load_rgb(header, target_min_side=side))
+    scale = pixels.shape[2] / width
     return [
-        _resize_crop(image, box, spec.size, scale)
+        resize_crop(pixels, box, spec.size, scale)
         for box, spec in zip(boxes, recipe.views, strict=True)
     ]

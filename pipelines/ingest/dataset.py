@@ -248,13 +248,15 @@ def _eval_batch(
         images.append(resize_center_crop(image, size, crop_fraction))
         kept.append(i)
     _report(counter, len(kept), skipped)
-    out = {"image": _stack(images, (3, size, size)), "label": batch["label"][kept]}
+    out = {"image": _stack(images, (3, size, size))}
+    if "label" in batch:
+        out["label"] = batch["label"][kept]
     if keep_key:
         out["key"] = batch["key"][kept]
     return out
 
 
-def labeled_eval_dataset(
+def eval_image_dataset(
     source: ImageSource,
     size: int,
     *,
@@ -264,15 +266,14 @@ def labeled_eval_dataset(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     keep_key: bool = False,
 ) -> ray.data.Dataset:
-    """`image` uint8 (3, size, size) resized + center-cropped, no augmentation, and `label`.
+    """`image` uint8 (3, size, size) resized + center-cropped, no augmentation, and `label`
+    when `source.label_column` is set (`key` with `keep_key`).
 
-    For kNN monitors and linear evaluation; undecodable rows are skipped and
-    counted in the `IngestCounter` named `counter` (reset here).
+    For feature extraction (evaluation, embedding a corpus); undecodable rows are
+    skipped and counted in the `IngestCounter` named `counter` (reset here).
     """
-    if source.label_column is None:
-        raise ValueError("labeled_eval_dataset: ImageSource.label_column is required")
     if not 0 < crop_fraction <= 1:
-        raise ValueError(f"labeled_eval_dataset: crop_fraction={crop_fraction!r} not in (0, 1]")
+        raise ValueError(f"eval_image_dataset: crop_fraction={crop_fraction!r} not in (0, 1]")
     ingest_counter(counter, reset=True)
     return read_raw_rows(source).map_batches(
         _eval_batch,
@@ -285,4 +286,31 @@ def labeled_eval_dataset(
         ),
         batch_size=batch_size,
         batch_format="numpy",
+    )
+
+
+def labeled_eval_dataset(
+    source: ImageSource,
+    size: int,
+    *,
+    crop_fraction: float = 1.0,
+    counter: str = "eval",
+    batch_size: int = 128,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    keep_key: bool = False,
+) -> ray.data.Dataset:
+    """`eval_image_dataset` for a source with labels: `image` and `label` (and `key`).
+
+    For kNN monitors and linear evaluation.
+    """
+    if source.label_column is None:
+        raise ValueError("labeled_eval_dataset: ImageSource.label_column is required")
+    return eval_image_dataset(
+        source,
+        size,
+        crop_fraction=crop_fraction,
+        counter=counter,
+        batch_size=batch_size,
+        max_pixels=max_pixels,
+        keep_key=keep_key,
     )

@@ -13,7 +13,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_jpeg
 
 # 100 Mpx (10k x 10k) is far beyond any pretraining image; larger
 # headers are decompression bombs (a 40-byte PNG can claim 10^10 pixels).
@@ -44,7 +46,8 @@ class UndecodableImage(Exception):
 ImageInput = bytes | bytearray | memoryview | str | os.PathLike | None
 
 
-def _read_bytes(data: ImageInput) -> bytes:
+def read_bytes(data: ImageInput) -> bytes:
+    """The file's bytes; a path is read, None (a read that failed upstream) is `missing`."""
     if data is None:
         raise UndecodableImage("missing", "no bytes (the file could not be read)")
     if isinstance(data, str | os.PathLike):
@@ -61,7 +64,7 @@ def open_image(data: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     `data` is the file's bytes, or a local path. The returned image is lazy: call
     `draft` and `convert`/`load` on it, or hand it to `decode_pil`.
     """
-    raw = _read_bytes(data)
+    raw = read_bytes(data)
     if not raw:
         raise UndecodableImage("empty")
     try:
@@ -75,12 +78,71 @@ def open_image(data: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         raise UndecodableImage("not_an_image", f"{len(raw)} bytes, no known header") from None
     except (OSError, ValueError, SyntaxError) as err:
         raise UndecodableImage("truncated", str(err)) from None
-    width, height = image.size
+    check_size(*image.size, max_pixels=max_pixels)
+    return image
+
+
+def check_size(width: int, height: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Refuse an empty frame or one above the pixel budget (a decompression bomb)."""
     if width <= 0 or height <= 0:
         raise UndecodableImage("truncated", f"size {width}x{height}")
     if width * height > max_pixels:
         raise UndecodableImage("too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
-    return image
+
+
+# Frame headers of the JPEGs libjpeg-turbo decodes through torchvision: baseline,
+# extended and progressive Huffman. Lossless, arithmetic or hierarchical ones go to PIL.
+_FAST_SOF = frozenset((0xC0, 0xC1, 0xC2))
+_OTHER_SOF = frozenset((0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+
+
+def plain_jpeg_size(raw: bytes) -> tuple[int, int] | None:
+    """(width, height) of an 8-bit, 3-component JPEG, read from its frame header.
+
+    None for anything else (other formats, CMYK or grayscale JPEGs, odd frames,
+    a header that does not parse): those take the PIL path, which names what is
+    wrong with a bad file. A few microseconds, against ~30 for PIL's `Image.open`.
+    """
+    if raw[:2] != b"\xff\xd8":
+        return None
+    i, end = 2, len(raw)
+    while i + 4 <= end:
+        if raw[i] != 0xFF:
+            return None
+        marker = raw[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length field
+            i += 2
+            continue
+        if marker in _FAST_SOF:
+            if i + 10 > end:
+                return None
+            precision, components = raw[i + 4], raw[i + 9]
+            height = int.from_bytes(raw[i + 5 : i + 7], "big")
+            width = int.from_bytes(raw[i + 7 : i + 9], "big")
+            if precision != 8 or components != 3:
+                return None
+            return width, height
+        if marker in _OTHER_SOF or marker in (0xD9, 0xDA):  # other frame, EOI, SOS
+            return None
+        i += 2 + int.from_bytes(raw[i + 2 : i + 4], "big")
+    return None
+
+
+def decode_plain_jpeg(raw: bytes) -> torch.Tensor:
+    """A JPEG that `plain_jpeg_size` accepts -> uint8 (3, H, W), in (H, W, 3) memory.
+
+    torchvision's libjpeg-turbo decoder: ~2-3x PIL's speed on small images, where
+    PIL's per-image set-up dominates. Raises `UndecodableImage("truncated")`.
+    """
+    try:
+        return decode_jpeg(
+            torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB
+        )
+    except RuntimeError as err:
+        raise UndecodableImage("truncated", str(err).splitlines()[-1]) from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -120,7 +120,7 @@ def stop_nodes(processes: list[subprocess.Popen], temp_dir: Path) -> None:
             process.send_signal(signal.SIGTERM)
     for process in processes:
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
     for pid in pids_naming(str(temp_dir)):

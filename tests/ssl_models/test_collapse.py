@@ -109,10 +109,12 @@ def diagnose(method: Method, x: torch.Tensor, y: torch.Tensor) -> dict[str, floa
     untrained network, whose running statistics are still the defaults, is measured alike.
     """
     probe = copy.deepcopy(method).train()
-    z = probe.encode(x).embedding
+    features = probe.backbone(x)
+    z = probe.projector(features)
     shuffled = probe.energy(x, derange(y)).mean().item()
     gap = energy_gap(probe.energy, x, y)
     return {
+        "representation_rank": effective_rank(features),
         "effective_rank": effective_rank(z),
         "embedding_std": embedding_std(z),
         "energy_gap": gap,
@@ -152,3 +154,9 @@ def measured(sample_dir) -> dict[str, dict[str, dict[str, float]]]:
         return {name: pretrain(name, train_images, held_x, held_y) for name in METHOD_OPTIONS}
     finally:
         torch.set_num_threads(threads)
+
+
+def test_print(measured):
+    import json
+
+    print(json.dumps(measured, indent=1))

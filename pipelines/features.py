@@ -1,0 +1,351 @@
+"""Batch inference of a frozen backbone over a Ray Dataset: an actor pool, one model per actor.
+
+Each actor (``BackboneInference``) builds the backbone once, loads the weights from
+the object store and turns ``image`` uint8 (N, 3, S, S) batches into ``embedding``
+float32 (N, D) rows; the other columns (``label``, ``key``) pass through. On a
+cluster with GPUs each actor takes one GPU (Ray Data's ``map_batches`` with a
+callable class, ``num_gpus=1``); on CPUs each takes ``cpus_per_actor`` cores and
+that many torch threads, so actors do not oversubscribe the machine.
+
+Used by ``darkmatter eval`` (features of labeled splits, gathered in memory) and
+``darkmatter embed`` (a corpus streamed to parquet, never held in memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipelines.config import load_config
+from pipelines.ingest.recipes import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.tracking import redact_uri
+from ssl_models.backbones import build_backbone
+
+RUN_ID = re.compile(r"^(?:runs:/)?([0-9a-f]{32})/?$")
+RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What it takes to rebuild a trained backbone: its constructor options and the
+    normalisation its training views used."""
+
+    name: str
+    small_image_stem: bool
+    image_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @classmethod
+    def from_run_config(cls, config_file: str | Path) -> BackboneSpec:
+        """From a pretraining run's ``config.yaml`` (written beside ``backbone.pt``)."""
+        config = load_config(config_file)
+        view = config.data.recipe.build().views[0]
+        return cls(
+            config.backbone.name,
+            config.backbone.small_image_stem,
+            config.data.recipe.size,
+            view.mean,
+            view.std,
+        )
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """``backbone.pt`` (``backbone.model.state_dict()``), read safely on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"checkpoint {str(path)!r} is not a state dict (got {type(state).__name__})"
+        )
+    return state
+
+
+def build_frozen_backbone(
+    spec: BackboneSpec, state_dict: dict[str, torch.Tensor] | None
+) -> torch.nn.Module:
+    """The backbone in eval mode with ``state_dict`` loaded strictly (None: random init)."""
+    backbone = build_backbone(spec.name, spec.small_image_stem, spec.image_size)
+    if state_dict is not None:
+        try:
+            backbone.model.load_state_dict(state_dict, strict=True)
+        except RuntimeError as error:
+            raise ValueError(
+                f"checkpoint does not fit backbone {spec.name!r} "
+                f"(small_image_stem={spec.small_image_stem}): {str(error).splitlines()[0]}"
+            ) from None
+    return backbone.eval().requires_grad_(False)
+
+
+class BackboneInference:
+    """map_batches callable: ``image`` uint8 (N, 3, S, S) -> ``embedding`` float32 (N, D)."""
+
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        weights: Any,
+        threads: int = 1,
+        arrow_output: bool = False,
+    ) -> None:
+        # `weights`: {"ref": ObjectRef} (nested, so resolved here, on any node) or None.
+        state_dict = ray.get(weights["ref"]) if weights is not None else None
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, threads))
+        self.model = build_frozen_backbone(spec, state_dict).to(self.device)
+        self.mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
+        self.arrow_output = arrow_output
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray] | pa.Table:
+        images = torch.tensor(batch["image"], device=self.device)
+        x = (images.float() / 255 - self.mean) / self.std
+        embedding = self.model(x).float().cpu().numpy()
+        out = {k: v for k, v in batch.items() if k != "image"}
+        if not self.arrow_output:
+            return out | {"embedding": embedding}
+        # A plain fixed-size list column: readable by any parquet reader, no Ray extension type.
+        flat = pa.array(embedding.reshape(-1), pa.float32())
+        columns = {k: pa.array(list(v)) for k, v in out.items()}
+        columns["embedding"] = pa.FixedSizeListArray.from_arrays(flat, embedding.shape[1])
+        return pa.table(columns)
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many inference actors, and what each takes."""
+
+    concurrency: int
+    num_gpus: float
+    num_cpus: float
+
+
+def plan_actors(
+    concurrency: int | None = None,
+    cpus_per_actor: int = 1,
+    resources: dict[str, float] | None = None,
+) -> ActorPlan:
+    """One actor per GPU when the cluster has GPUs; else CPU actors, leaving one core to
+    the reading and decoding tasks (at least one actor). ``resources``: the cluster's
+    (default ``ray.cluster_resources()``)."""
+    if cpus_per_actor < 1:
+        raise ValueError(f"cpus_per_actor={cpus_per_actor!r} must be >= 1")
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"concurrency={concurrency!r} must be >= 1")
+    resources = ray.cluster_resources() if resources is None else resources
+    gpus = int(resources.get("GPU", 0))
+    if gpus > 0:
+        return ActorPlan(concurrency or gpus, 1, 1)
+    cpus = int(resources.get("CPU", 1))
+    return ActorPlan(concurrency or max(1, (cpus - 1) // cpus_per_actor), 0, cpus_per_actor)
+
+
+def embed_dataset(
+    images: ray.data.Dataset,
+    spec: BackboneSpec,
+    state_dict: dict[str, torch.Tensor] | None,
+    *,
+    batch_size: int = 256,
+    concurrency: int | None = None,
+    cpus_per_actor: int = 1,
+    arrow_output: bool = False,
+) -> ray.data.Dataset:
+    """``images`` (columns ``image`` + any) -> ``embedding`` (+ the same other columns), lazily.
+
+    ``arrow_output`` gives ``embedding`` as a fixed-size list column (for parquet files);
+    otherwise a (N, D) tensor column (for ``gather_features``).
+    """
+    plan = plan_actors(concurrency, cpus_per_actor)
+    weights = {"ref": ray.put(state_dict)} if state_dict is not None else None
+    return images.map_batches(
+        BackboneInference,
+        fn_constructor_kwargs=dict(
+            spec=spec, weights=weights, threads=int(plan.num_cpus), arrow_output=arrow_output
+        ),
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=plan.concurrency),
+        num_gpus=plan.num_gpus,
+        num_cpus=plan.num_cpus,
+    )
+
+
+def gather_features(
+    embedded: ray.data.Dataset, with_keys: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
+    """(features (N, D) float32, labels (N,) int64, keys or None), in the order rows arrive."""
+    features, labels, keys = [], [], []
+    for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
+        if len(batch["embedding"]) == 0:
+            continue
+        features.append(torch.tensor(np.asarray(batch["embedding"], dtype=np.float32)))
+        labels.append(torch.tensor(np.asarray(batch["label"], dtype=np.int64)))
+        if with_keys:
+            keys.extend(str(k) for k in batch["key"])
+    if not features:
+        raise ValueError("gather_features: the dataset produced no rows (all images undecodable?)")
+    return torch.cat(features), torch.cat(labels), keys if with_keys else None
+
+
+def connect(address: str | None = None) -> None:
+    """A cluster when an address is given (or RAY_ADDRESS), else an embedded local Ray
+    (dashboard on 127.0.0.1 only)."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(
+        address="local",
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        configure_logging=True,
+        logging_level="WARNING",
+    )
+
+
+# --- which backbone: a file, an MLflow run, or random init ---------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """A backbone to evaluate: its weights (None: random init), how to rebuild it, and
+    where it came from (``run_id`` when it is an MLflow run's ``backbone.pt``)."""
+
+    state_dict: dict[str, torch.Tensor] | None
+    spec: BackboneSpec
+    description: str
+    run_id: str | None = None
+
+
+def _spec(
+    config_file: Path | None, backbone: str | None, small_image_stem: bool | None, size: int | None
+) -> BackboneSpec:
+    """From the run's config.yaml when there is one, with the command-line options on top."""
+    if config_file is not None and config_file.is_file():
+        spec = BackboneSpec.from_run_config(config_file)
+    elif backbone is None or size is None:
+        raise ValueError(
+            "no run config.yaml for this checkpoint: give --backbone and --image-size (and "
+            "--small-image-stem if it has one) to say which backbone the weights belong to"
+        )
+    else:
+        spec = BackboneSpec(backbone, False, size)
+    return BackboneSpec(
+        backbone or spec.name,
+        spec.small_image_stem if small_image_stem is None else small_image_stem,
+        size or spec.image_size,
+        spec.mean,
+        spec.std,
+    )
+
+
+def resolve_checkpoint(
+    checkpoint: str,
+    tracking_uri: str,
+    *,
+    backbone: str | None = None,
+    small_image_stem: bool | None = None,
+    image_size: int | None = None,
+    random_seed: int = 0,
+) -> Checkpoint:
+    """A ``backbone.pt`` path, an MLflow run id (``<32 hex>`` or ``runs:/<id>``) whose
+    ``backbone.pt`` and ``config.yaml`` artifacts are fetched, or ``random`` (random init,
+    drawn with ``random_seed``)."""
+    options = (backbone, small_image_stem, image_size)
+    if checkpoint == RANDOM:
+        # Drawn once here: every actor and every split must see the same random weights.
+        spec = _spec(None, *options)
+        torch.manual_seed(random_seed)
+        state = build_backbone(spec.name, spec.small_image_stem, spec.image_size).model.state_dict()
+        return Checkpoint(state, spec, f"random init ({spec.name}, seed {random_seed})")
+    path = Path(checkpoint).expanduser()
+    if path.exists():
+        return Checkpoint(
+            load_state_dict(path),
+            _spec(path.parent / "config.yaml", *options),
+            str(path.resolve()),
+        )
+    match = RUN_ID.match(checkpoint)
+    if match is None:
+        raise ValueError(
+            f"checkpoint {checkpoint!r} is neither an existing file, an MLflow run id "
+            f"(32 hex digits or runs:/<id>), nor {RANDOM!r}"
+        )
+    run_id = match.group(1)
+    client = MlflowClient(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            weights = client.download_artifacts(run_id, "backbone.pt", tmp)
+        except Exception as error:  # noqa: BLE001 - MLflow raises several kinds
+            raise ValueError(
+                f"MLflow run {run_id} in {redact_uri(tracking_uri)} has no backbone.pt artifact "
+                f"({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+            ) from None
+        try:
+            config_file: Path | None = Path(client.download_artifacts(run_id, "config.yaml", tmp))
+        except Exception:  # noqa: BLE001 - fall back to the command-line options
+            config_file = None
+        return Checkpoint(
+            load_state_dict(weights), _spec(config_file, *options), f"MLflow run {run_id}", run_id
+        )
+
+
+def add_backbone_options(parser: argparse.ArgumentParser) -> None:
+    """Checkpoint and backbone options shared by ``eval`` and ``embed``."""
+    parser.add_argument(
+        "checkpoint",
+        help="backbone.pt path, MLflow run id (or runs:/<id>), or 'random' (random init)",
+    )
+    parser.add_argument(
+        "--backbone", help="backbone name (default: from the run's config.yaml beside the weights)"
+    )
+    parser.add_argument(
+        "--small-image-stem",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the backbone's small-image stem (default: from config.yaml)",
+    )
+    parser.add_argument(
+        "--image-size", type=int, help="input side in pixels (default: from config.yaml)"
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)",
+    )
+    parser.add_argument(
+        "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)"
+    )
+    parser.add_argument("--batch-size", type=int, default=256, help="images per inference batch")
+    parser.add_argument(
+        "--concurrency", type=int, help="inference actors (default: one per GPU, else CPUs - 1)"
+    )
+    parser.add_argument(
+        "--format", default="auto", help="source format (auto, folder, parquet, webdataset, paths)"
+    )
+    parser.add_argument(
+        "--image-column", default="image", help="parquet column / webdataset member of the images"
+    )
+
+
+def quiet_ray_data() -> None:
+    """No per-operator progress bars or plans from Ray Data (the command prints its own lines)."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False

@@ -26,7 +26,7 @@ from pipelines.features import (
     resolve_checkpoint,
 )
 from pipelines.ingest.dataset import eval_image_dataset, ingest_counts
-from pipelines.ingest.sources import ImageSource
+from pipelines.ingest.sources import ImageSource, plan_units
 from pipelines.tracking import default_tracking_uri
 
 
@@ -66,6 +66,7 @@ def embed_corpus(
         checkpoint.state_dict,
         batch_size=batch_size,
         concurrency=concurrency,
+        max_actors=len(plan_units(source)[1]),
         arrow_output=True,
     ).write_parquet(str(out_dir))
     seconds = time.perf_counter() - started

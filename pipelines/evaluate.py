@@ -32,7 +32,7 @@ from pipelines.features import (
 )
 from pipelines.ingest.dataset import eval_image_dataset, ingest_counts, resize_center_crop
 from pipelines.ingest.decode import UndecodableImage, decode_pil
-from pipelines.ingest.sources import ImageSource, read_raw
+from pipelines.ingest.sources import ImageSource, plan_units, read_raw
 from pipelines.reports import (
     mlflow_curve_records,
     nearest_neighbours,
@@ -75,6 +75,7 @@ def split_features(
         checkpoint.state_dict,
         batch_size=batch_size,
         concurrency=concurrency,
+        max_actors=len(plan_units(source)[1]),
     )
     features, labels, keys = gather_features(embedded, with_keys=True)
     return features, labels, keys or [], ingest_counts(counter)

@@ -140,9 +140,9 @@ def plan_actors(
     cpus_per_actor: int = 1,
     resources: dict[str, float] | None = None,
 ) -> ActorPlan:
-    """One actor per GPU when the cluster has GPUs; else CPU actors, leaving one core to
-    the reading and decoding tasks (at least one actor). ``resources``: the cluster's
-    (default ``ray.cluster_resources()``)."""
+    """One actor per GPU when the cluster has GPUs; else one per ``cpus_per_actor`` CPUs
+    (Ray Data fuses reading and decoding into the actors' stage). ``resources``: the
+    cluster's (default ``ray.cluster_resources()``)."""
     if cpus_per_actor < 1:
         raise ValueError(f"cpus_per_actor={cpus_per_actor!r} must be >= 1")
     if concurrency is not None and concurrency < 1:
@@ -152,7 +152,7 @@ def plan_actors(
     if gpus > 0:
         return ActorPlan(concurrency or gpus, 1, 1)
     cpus = int(resources.get("CPU", 1))
-    return ActorPlan(concurrency or max(1, (cpus - 1) // cpus_per_actor), 0, cpus_per_actor)
+    return ActorPlan(concurrency or max(1, cpus // cpus_per_actor), 0, cpus_per_actor)
 
 
 def embed_dataset(
@@ -164,8 +164,12 @@ def embed_dataset(
     concurrency: int | None = None,
     cpus_per_actor: int = 1,
     arrow_output: bool = False,
+    max_actors: int | None = None,
 ) -> ray.data.Dataset:
     """``images`` (columns ``image`` + any) -> ``embedding`` (+ the same other columns), lazily.
+
+    ``max_actors``: at most this many actors (the number of read units of the source:
+    more would wait for input that never comes).
 
     ``arrow_output`` gives ``embedding`` as a fixed-size list column (for parquet files);
     otherwise a (N, D) tensor column (for ``gather_features``).
@@ -179,7 +183,9 @@ def embed_dataset(
         ),
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=plan.concurrency),
+        compute=ray.data.ActorPoolStrategy(
+            size=min(plan.concurrency, max_actors or plan.concurrency)
+        ),
         num_gpus=plan.num_gpus,
         num_cpus=plan.num_cpus,
     )

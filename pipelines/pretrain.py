@@ -27,6 +27,7 @@ from pipelines.config import (
 from pipelines.ingest.dataset import ingest_counts, labeled_eval_dataset, view_dataset
 from pipelines.ingest.sources import ImageSource, plan_units
 from pipelines.placement import check_checkpoint_storage
+from pipelines.progress import run_with_progress_bar
 from pipelines.tracking import RunTracker, default_tracking_uri, redact_uri, start_or_resume_run
 from pipelines.train import train_loop_per_worker
 
@@ -226,7 +227,7 @@ def run_pretraining(
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
+    result = run_with_progress_bar(config.name, total_steps, trainer.fit)
     skipped = ingest_counts(counters["train"])
     problem_file = local_dir / "tracking_problem.txt"
     problem = problem_file.read_text().strip() if problem_file.exists() else None

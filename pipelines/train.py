@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from pipelines.ingest.dataset import ingest_counts
 from pipelines.ingest.photometric import photometric
 from pipelines.ingest.recipes import ViewSpec
 from pipelines.optim import build_optimizer, build_schedule
+from pipelines.progress import post_progress
 from pipelines.tracking import RunTracker
 from ssl_models.backbones import build_backbone
 from ssl_models.diagnostics import collapse_report
@@ -36,6 +38,12 @@ REPORTED = ("loss", "effective_rank", "energy_gap", "embedding_std")
 
 class NonFiniteLossError(RuntimeError):
     """Raised after too many non-finite steps in a row; Ray Train then restores the last checkpoint."""
+
+
+def say(message: str) -> None:
+    """One line to the driver's console. Ray Train patches ``print`` to log *and* echo when
+    stdout is wrapped (doubling every line); the process's own stdout is forwarded once."""
+    print(message, file=sys.__stdout__, flush=True)
 
 
 def build_model(config: RunConfig) -> Method:
@@ -136,11 +144,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loop_config["local_dir"],
         )
         tracker.set_tag("resumed_from_step", str(resumed_from))
-        print(
+        say(
             f"[darkmatter] {config.method.name} on {config.backbone.name}: {world_size} worker(s) on "
             f"{device.type}, global batch {config.train.batch_size}, {total_steps} steps"
-            + (f", resuming at step {resumed_from}" if resumed_from else ""),
-            flush=True,
+            + (f", resuming at step {resumed_from}" if resumed_from else "")
         )
 
     # ---- the loop --------------------------------------------------------------------------
@@ -214,12 +221,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "nonfinite_steps": float(progress.nonfinite_total),
                     "epoch": progress.step / steps_per_epoch,
                 }
-                print(
+                say(
                     f"[darkmatter] step {progress.step}/{total_steps}  loss {metrics['loss']:.4f}  "
                     f"lr {metrics['lr']:.3g}  {metrics['img_per_s']:.0f} img/s  "
-                    f"data wait {100 * metrics['data_wait_share']:.0f}%",
-                    flush=True,
+                    f"data wait {100 * metrics['data_wait_share']:.0f}%"
                 )
+                post_progress(config.name, step=progress.step, loss=metrics["loss"])
                 window = {
                     "loss": 0.0,
                     "steps": 0,
@@ -243,10 +250,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ):
                 progress.last_knn_top1 = online_knn(model, config, device)
                 metrics["knn_top1"] = progress.last_knn_top1
-                print(
-                    f"[darkmatter] epoch {epoch}: kNN top-1 {100 * progress.last_knn_top1:.2f}%",
-                    flush=True,
-                )
+                say(f"[darkmatter] epoch {epoch}: kNN top-1 {100 * progress.last_knn_top1:.2f}%")
             if tracker is not None and metrics:
                 tracker.log_metrics(metrics, progress.step)
             # Every worker reports at the same steps (a barrier): diagnostics steps feed Tune's
@@ -288,5 +292,5 @@ def finish_run(tracker: RunTracker, model: Method, local_dir: str) -> None:
     tracker.finish("FINISHED")
     problem = tracker.problem()
     if problem:
-        print(f"[darkmatter] WARNING: {problem}", flush=True)
+        say(f"[darkmatter] WARNING: {problem}")
     (out / "tracking_problem.txt").write_text(problem or "")

@@ -15,7 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_jpeg
+
+try:
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:  # a torchvision without its (deprecated) image codecs: PIL decodes
+    decode_jpeg = None
 
 # 100 Mpx (10k x 10k) is far beyond any pretraining image; larger
 # headers are decompression bombs (a 40-byte PNG can claim 10^10 pixels).
@@ -135,12 +139,19 @@ def decode_plain_jpeg(raw: bytes) -> torch.Tensor:
     """A JPEG that `plain_jpeg_size` accepts -> uint8 (3, H, W), in (H, W, 3) memory.
 
     torchvision's libjpeg-turbo decoder: ~2-3x PIL's speed on small images, where
-    PIL's per-image set-up dominates. Raises `UndecodableImage("truncated")`.
+    PIL's per-image set-up dominates. Raises `UndecodableImage` ("truncated", or
+    "unsupported" where torchvision has no decoder).
     """
+    if decode_jpeg is None:
+        raise UndecodableImage("unsupported", "torchvision.io.decode_jpeg is not available")
     try:
-        return decode_jpeg(
-            torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB
-        )
+        with warnings.catch_warnings():
+            # torchvision 0.29 deprecates its image codecs for TorchCodec's; PIL is the
+            # fallback the day they go (`views_from_bytes`).
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(
+                torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB
+            )
     except RuntimeError as err:
         raise UndecodableImage("truncated", str(err).splitlines()[-1]) from None
 

@@ -110,11 +110,12 @@ def test_each_colour_op_alone_equals_torchvision(real_views, field, theirs):
 
 
 @pytest.mark.parametrize(
-    "shift, mae, p99", [(0.02, 0.006, 0.03), (0.05, 0.013, 0.07), (0.2, 0.02, 0.12)]
+    "shift, mae, p99", [(0.02, 0.007, 0.035), (0.05, 0.015, 0.075), (0.2, 0.024, 0.15)]
 )
 def test_hue_is_close_to_torchvision_hsv_shift(real_views, shift, mae, p99):
-    """Gray-axis rotation vs HSV shift; measured mae 0.0048 / 0.011 / 0.017, p99 0.022 /
-    0.054 / 0.094 (fractions of full scale) at 0.02 / 0.05 / 0.2 turns."""
+    """Gray-axis rotation vs torchvision's HSV shift, errors in [0, 1] units. Measured on
+    these 96 images (+ and - shifts): mean abs error 0.0054 / 0.012 / 0.019 and 99th
+    percentile 0.026 / 0.061 / 0.119 at 0.02 / 0.05 / 0.2 turns; exact at 1/3 turn."""
     n = len(real_views)
     for sign in (1, -1):
         hue = torch.full((n,), sign * shift)
@@ -127,11 +128,14 @@ def test_hue_is_close_to_torchvision_hsv_shift(real_views, shift, mae, p99):
     torch.testing.assert_close(third, real_views[:, [2, 0, 1]] / 255.0, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("hue, mae, view_mae", [(0.0, 0.006, 0.12), (0.2, 0.02, 0.15)])
+@pytest.mark.parametrize("hue, mae, view_mae", [(0.0, 0.005, 0.15), (0.2, 0.016, 0.15)])
 def test_fused_jitter_close_to_torchvision_sequential(real_views, hue, mae, view_mae):
-    """SimCLR's jitter (0.8, 0.8, 0.8, hue) in random order, grayscale 0.2: the fused map
-    drops the intermediate clamps (and approximates hue). Measured on these images:
-    hue 0 mae 0.0036, worst view 0.088; hue 0.2 mae 0.014, worst view 0.10."""
+    """SimCLR's jitter (0.8, 0.8, 0.8, hue) at p=0.8 in random order, grayscale 0.2, vs
+    torchvision's ops one by one. The fused map drops the clamps between ops (and
+    approximates hue). Measured on these 96 images, seeds 0-3: mean abs error
+    0.0032-0.0058 with hue 0, 0.012-0.017 with hue 0.2; most views match closely, but
+    a view whose brightness saturates pixels before a contrast or saturation op can
+    differ by up to 0.18 on average (seed 0 here: 0.124)."""
     spec = dataclasses.replace(UNIT, hue=hue)
     params = pm.sample_photometric_params(len(real_views), spec, torch.Generator().manual_seed(0))
     ours = pm.apply_photometric(real_views, spec, params)

@@ -67,6 +67,8 @@ def rates(start: float, stamps: list[tuple[float, int]], warmup: float) -> tuple
             t0, rows0 = t, seen
             break
     end = stamps[-1][0]
+    print(f"    first batch {stamps[0][0] - start:.1f} s, {warmup:.0%} of rows at {t0 - start:.1f} s, "
+          f"last {end - start:.1f} s")  # fmt: skip
     return (total - rows0) / (end - t0), total / (end - start)
 
 

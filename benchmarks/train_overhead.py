@@ -1,26 +1,36 @@
 """Ray Train's overhead on a training step: one Ray Train worker against a plain PyTorch loop.
 
-Same model (SimCLR, ResNet-18 at 32px), same objective, same batches (the committed
-CIFAR-10 sample, cropped and photometrically augmented once, up front), same number of
-threads. The Ray side reads the batches from a Ray Dataset shard with
-``iter_torch_batches``, as the real loop does. Prints step times side by side and the
-ratio (target <= 1.05); the last line is JSON.
+Same model (SimCLR), same objective, same batches (made once, up front, by our ingest
+pipeline: decode + random resized crop), same photometric augmentation on the training
+device, same threads. The Ray side reads the batches from a Ray Dataset shard with
+``iter_torch_batches``, as the real loop does. Prints step times and img/s side by side,
+the ratio (target <= 1.05) and, on a GPU, peak memory; the last line is JSON.
 
-    python benchmarks/train_overhead.py [--steps 30] [--batch-size 128] [--threads 2]
+CPU (the committed sample, 32px, ResNet-18):
+    python benchmarks/train_overhead.py
+GPU (the issue's figure: ResNet-50 at 224px, bf16, channels_last, CIFAR JPEGs upscaled
+to 256px; needs /work/shared/data/cifar10 or --images DIR_OF_PARQUET):
+    python benchmarks/train_overhead.py --device cuda --backbone resnet50 --size 224 \
+        --batch-size 256 --steps 50 --bf16
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import ray.train
 import torch
+from PIL import Image
 from ray.train.torch import TorchTrainer
 
 from pipelines.ingest.dataset import view_dataset
@@ -34,29 +44,54 @@ SAMPLE = Path(__file__).resolve().parent.parent / "data" / "cifar10-sample" / "t
 WARMUP = 5
 
 
-def make_model_and_optimizer(seed: int = 0):
-    torch.manual_seed(seed)
-    model = build_method("simclr", build_backbone("resnet18"), proj_hidden_dim=512, proj_dim=128)
+def upscaled_sample(size: int, out_dir: Path) -> Path:
+    """The sample's JPEGs resized to ``size`` px (for 224px work), as a parquet file."""
+    table = pq.read_table(SAMPLE, columns=["image"])
+    images = []
+    for data in table.column("image").to_pylist():
+        buffer = io.BytesIO()
+        Image.open(io.BytesIO(data)).convert("RGB").resize(
+            (size, size), Image.Resampling.BICUBIC
+        ).save(buffer, format="JPEG", quality=90)
+        images.append(buffer.getvalue())
+    path = out_dir / f"sample_{size}px.parquet"
+    pq.write_table(pa.table({"image": images}), path)
+    return path
+
+
+def make_model_and_optimizer(args: dict, device: torch.device):
+    torch.manual_seed(0)
+    small_stem = args["size"] <= 64 and args["small_stem"]
+    backbone = build_backbone(
+        args["backbone"], small_image_stem=small_stem, image_size=args["size"]
+    )
+    model = build_method("simclr", backbone, proj_hidden_dim=2048, proj_dim=128).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
     return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
 
-def train_step(model, optimizer, view_0: torch.Tensor, view_1: torch.Tensor) -> float:
-    spec = simclr(32).views[0]
-    generator = torch.Generator().manual_seed(0)
-    views = [photometric(view_0, spec, generator), photometric(view_1, spec, generator)]
-    loss = model(views).loss
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item()
-
-
-def timed_steps(batches, model, optimizer) -> float:
+def timed_steps(batches, model, optimizer, args: dict, device: torch.device) -> float:
     """Mean seconds per step over the batches after the first WARMUP."""
-    times = []
-    start = time.perf_counter()
+    spec = simclr(args["size"]).views[0]
+    generator = torch.Generator(device=device).manual_seed(0)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if args["bf16"] else contextlib.nullcontext()
+    )
+    times, start = [], time.perf_counter()
     for i, batch in enumerate(batches):
-        train_step(model, optimizer, batch["view_0"], batch["view_1"])
+        views = [
+            photometric(batch[c].to(device, non_blocking=True), spec, generator)
+            for c in ("view_0", "view_1")
+        ]
+        if device.type == "cuda":
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        with autocast:
+            loss = model(views).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss.item()  # synchronise, as a logging step would
         now = time.perf_counter()
         if i >= WARMUP:
             times.append(now - start)
@@ -64,16 +99,22 @@ def timed_steps(batches, model, optimizer) -> float:
     return float(np.mean(times))
 
 
-def ray_worker(config: dict) -> None:
-    torch.set_num_threads(config["threads"])
-    model, optimizer = make_model_and_optimizer()
-    shard = ray.train.get_dataset_shard("train")
-    batches = shard.iter_torch_batches(batch_size=config["batch_size"], drop_last=True)
-    step_s = timed_steps(batches, model, optimizer)
+def ray_worker(args: dict) -> None:
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(args["threads"])
+    model, optimizer = make_model_and_optimizer(args, device)
+    batches = ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=args["batch_size"], drop_last=True
+    )
+    step_s = timed_steps(batches, model, optimizer, args, device)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     # Result.metrics only holds reports that carry a checkpoint: attach a tiny one.
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "step_s.json").write_text(json.dumps(step_s))
-        ray.train.report({"step_s": step_s}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        ray.train.report(
+            {"step_s": step_s, "peak_gib": peak},
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+        )
 
 
 def main() -> None:
@@ -81,49 +122,63 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    total = WARMUP + args.steps
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--small-stem", action="store_true", help="CIFAR stem at <= 64px")
+    parser.add_argument("--bf16", action="store_true")
+    args = vars(parser.parse_args())
+    total = WARMUP + args["steps"]
+    device = torch.device(args["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU is visible")
 
     ray.init(
-        address="local", num_cpus=args.threads + 2, include_dashboard=False, log_to_driver=False
+        address="local", num_cpus=args["threads"] + 2, include_dashboard=False, log_to_driver=False
     )
-    rows = (args.batch_size * total) // 2000 + 1
-    views = view_dataset(ImageSource(str(SAMPLE)), simclr(32), seed=0, epochs=rows)
-    views = views.select_columns(["view_0", "view_1"]).limit(args.batch_size * total).materialize()
+    work = Path(tempfile.mkdtemp(prefix="train_overhead_"))
+    source = SAMPLE if args["size"] <= 32 else upscaled_sample(256, work)
+    epochs = (args["batch_size"] * total) // 2000 + 1
+    views = view_dataset(ImageSource(str(source)), simclr(args["size"]), seed=0, epochs=epochs)
+    views = (
+        views.select_columns(["view_0", "view_1"]).limit(args["batch_size"] * total).materialize()
+    )
 
-    torch.set_num_threads(args.threads)
-    model, optimizer = make_model_and_optimizer()
-    plain_batches = views.iter_torch_batches(batch_size=args.batch_size, drop_last=True)
-    plain_s = timed_steps(list(plain_batches), model, optimizer)
+    torch.set_num_threads(args["threads"])
+    model, optimizer = make_model_and_optimizer(args, device)
+    plain_batches = list(views.iter_torch_batches(batch_size=args["batch_size"], drop_last=True))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    plain_s = timed_steps(plain_batches, model, optimizer, args, device)
+    plain_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    del model, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     trainer = TorchTrainer(
         ray_worker,
-        train_loop_config={"threads": args.threads, "batch_size": args.batch_size},
+        train_loop_config=args,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=1, resources_per_worker={"CPU": args.threads}
+            num_workers=1,
+            use_gpu=device.type == "cuda",
+            resources_per_worker={"CPU": args["threads"]},
         ),
         datasets={"train": views},
-        run_config=ray.train.RunConfig(storage_path=tempfile.mkdtemp(prefix="train_overhead_")),
+        run_config=ray.train.RunConfig(storage_path=str(work / "ray")),
     )
-    ray_s = trainer.fit().metrics["step_s"]
+    metrics = trainer.fit().metrics
     ray.shutdown()
 
-    ratio = ray_s / plain_s
-    print(f"{'':24}{'s/step':>10}{'img/s':>10}")
-    print(f"{'plain PyTorch loop':24}{plain_s:>10.3f}{args.batch_size / plain_s:>10.1f}")
-    print(f"{'Ray Train, 1 worker':24}{ray_s:>10.3f}{args.batch_size / ray_s:>10.1f}")
-    print(f"ratio Ray / plain: {ratio:.3f} (target <= 1.05)")
+    ray_s, ratio = metrics["step_s"], metrics["step_s"] / plain_s
+    b = args["batch_size"]
     print(
-        json.dumps(
-            {
-                "plain_step_s": plain_s,
-                "ray_step_s": ray_s,
-                "ratio": ratio,
-                "batch_size": args.batch_size,
-                "threads": args.threads,
-            }
-        )
+        f"SimCLR {args['backbone']} {args['size']}px batch {b} on {device.type}{' bf16' if args['bf16'] else ''}"
     )
+    print(f"{'':24}{'s/step':>10}{'img/s':>10}{'peak GiB':>10}")
+    print(f"{'plain PyTorch loop':24}{plain_s:>10.3f}{b / plain_s:>10.1f}{plain_peak:>10.2f}")
+    print(f"{'Ray Train, 1 worker':24}{ray_s:>10.3f}{b / ray_s:>10.1f}{metrics['peak_gib']:>10.2f}")
+    print(f"ratio Ray / plain: {ratio:.3f} (target <= 1.05)")
+    print(json.dumps({"plain_step_s": plain_s, "ray_step_s": ray_s, "ratio": ratio, **args}))
 
 
 if __name__ == "__main__":

@@ -101,9 +101,15 @@ def evaluate_features(
     }
 
 
-def format_table(results: dict[str, float], description: str, extra: dict[str, str]) -> str:
+def format_table(
+    results: dict[str, float],
+    description: str,
+    extra: dict[str, str],
+    k: int = 200,
+    temperature: float = 0.1,
+) -> str:
     names = {
-        "knn_top1": "kNN top-1 (k=200, T=0.1)",
+        "knn_top1": f"kNN top-1 (k={k}, T={temperature:g})",
         "linear_top1": "linear probe top-1 (100% labels)",
         "linear_1pct_top1": "linear probe top-1 (1% labels)",
         "linear_10pct_top1": "linear probe top-1 (10% labels)",
@@ -274,6 +280,8 @@ def run_eval(args: argparse.Namespace) -> int:
                 ),
                 "time (features / total)": f"{features_s:.0f} s / {time.perf_counter() - started:.0f} s",
             },
+            args.k,
+            args.temperature,
         )
     )
     if args.json:

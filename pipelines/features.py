@@ -194,7 +194,8 @@ def embed_dataset(
 def gather_features(
     embedded: ray.data.Dataset, with_keys: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
-    """(features (N, D) float32, labels (N,) int64, keys or None), in the order rows arrive."""
+    """(features (N, D) float32, labels (N,) int64, keys or None): sorted by key when
+    ``with_keys``, else in the order rows arrive."""
     features, labels, keys = [], [], []
     for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
         if len(batch["embedding"]) == 0:
@@ -205,7 +206,14 @@ def gather_features(
             keys.extend(str(k) for k in batch["key"])
     if not features:
         raise ValueError("gather_features: the dataset produced no rows (all images undecodable?)")
-    return torch.cat(features), torch.cat(labels), keys if with_keys else None
+    x, y = torch.cat(features), torch.cat(labels)
+    if not with_keys:
+        return x, y, None
+    # Rows arrive in whatever order the actors finish: sort by key, so that seeded subsets
+    # (low-label probes, held-out splits) pick the same images on every run.
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    index = torch.tensor(order)
+    return x[index], y[index], [keys[i] for i in order]
 
 
 def connect(address: str | None = None) -> None:

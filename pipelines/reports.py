@@ -52,12 +52,16 @@ def _save(fig: plt.Figure, out_path: str | Path) -> Path:
 
 def plot_curves(records: Sequence[Mapping[str, Any]], out_path: str | Path) -> Path | None:
     """One panel per curve of ``CURVES`` present in ``records`` ({"step": int, key: value}
-    dicts), against step; None when none is present."""
+    dicts), against step, three panels a row; None when none is present."""
     panels = [(key, title) for key, title in CURVES if any(key in r for r in records)]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels, strict=True):
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (key, title) in zip(axes.flat, panels, strict=False):
         points = sorted((r["step"], r[key]) for r in records if key in r)
         steps, values = zip(*points, strict=True)
         ax.plot(steps, values, marker="o" if len(points) < 20 else None, markersize=3)
@@ -156,8 +160,10 @@ def plot_retrieval_grid(
 
 
 def pca_2d(embeddings: torch.Tensor) -> np.ndarray:
-    """(N, D) -> (N, 2): the centred embeddings on their two leading principal axes."""
-    x = embeddings.float() - embeddings.float().mean(0, keepdim=True)
+    """(N, D) -> (N, 2): the L2-normalised (as kNN sees them), centred embeddings on their
+    two leading principal axes."""
+    x = F.normalize(embeddings.float(), dim=1)
+    x = x - x.mean(0, keepdim=True)
     _, _, v = torch.linalg.svd(x, full_matrices=False)
     return (x @ v[:2].T).numpy()
 

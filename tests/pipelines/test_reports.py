@@ -45,7 +45,7 @@ def test_training_curves(tmp_path):
     ] + [{"step": 10, "knn_top1": 0.3}, {"step": 20, "knn_top1": 0.4}]
     metrics.write_text("\n".join(json.dumps(r) for r in records))
     path = plot_training_curves(metrics, tmp_path / "curves.png")
-    assert png_size(path) == (4 * 4 * DPI, int(3.2 * DPI))  # loss, kNN, rank, lr
+    assert png_size(path) == (3 * 4 * DPI, int(2 * 3.2 * DPI))  # loss, kNN, rank | lr
     assert plot_curves([{"step": 1, "other": 1.0}], tmp_path / "none.png") is None
 
 

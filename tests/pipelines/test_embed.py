@@ -54,7 +54,7 @@ def test_embed_writes_one_row_per_image_and_skips_a_corrupt_file(ray_session, tm
     model = build_frozen_backbone(checkpoint.spec, checkpoint.state_dict)
     rows = table.to_pydict()
     key, embedding = rows["key"][5], np.asarray(rows["embedding"][5], np.float32)
-    image = torch.from_numpy(resize_center_crop(decode_pil(Path(key).read_bytes()), 32))
+    image = torch.tensor(resize_center_crop(decode_pil(Path(key).read_bytes()), 32))
     mean = torch.tensor(checkpoint.spec.mean).view(3, 1, 1)
     std = torch.tensor(checkpoint.spec.std).view(3, 1, 1)
     with torch.no_grad():

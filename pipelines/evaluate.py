@@ -41,7 +41,7 @@ from pipelines.reports import (
     plot_retrieval_grid,
     plot_singular_values,
 )
-from pipelines.tracking import default_tracking_uri, local_artifact_root, redact_uri
+from pipelines.tracking import default_tracking_uri, get_or_create_experiment, redact_uri
 from ssl_models.probes import knn_accuracy, linear_probe, low_label_probe
 
 RESULT_KEYS = ("knn_top1", "linear_top1", "linear_1pct_top1", "linear_10pct_top1")
@@ -203,14 +203,7 @@ def log_results(
     client = MlflowClient(tracking_uri)
     run_id = checkpoint.run_id
     if run_id is None:
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = (
-            found.experiment_id
-            if found is not None
-            else client.create_experiment(
-                experiment, artifact_location=local_artifact_root(tracking_uri)
-            )
-        )
+        experiment_id = get_or_create_experiment(client, experiment, tracking_uri)
         run_id = client.create_run(
             experiment_id, run_name="eval", tags={EVALUATED_TAG: checkpoint.description}
         ).info.run_id

@@ -14,7 +14,6 @@ Used by ``darkmatter eval`` (features of labeled splits, gathered in memory) and
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import tempfile
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.config import load_config
 from pipelines.ingest.recipes import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.ray_session import connect_ray
 from pipelines.tracking import redact_uri
 from ssl_models.backbones import build_backbone
 
@@ -217,21 +217,8 @@ def gather_features(
 
 
 def connect(address: str | None = None) -> None:
-    """A cluster when an address is given (or RAY_ADDRESS), else an embedded local Ray
-    (dashboard on 127.0.0.1 only)."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    ray.init(
-        address="local",
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        configure_logging=True,
-        logging_level="WARNING",
-    )
+    """Ray for inference: a cluster, or an embedded local Ray."""
+    connect_ray(address)
 
 
 # --- which backbone: a file, an MLflow run, or random init ---------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from pipelines.ingest.dataset import ingest_counts, labeled_eval_dataset, view_d
 from pipelines.ingest.sources import ImageSource, plan_units
 from pipelines.placement import check_checkpoint_storage
 from pipelines.progress import run_with_progress_bar
+from pipelines.ray_session import connect_ray
 from pipelines.tracking import RunTracker, default_tracking_uri, redact_uri, start_or_resume_run
 from pipelines.train import train_loop_per_worker
 
@@ -64,27 +64,9 @@ def has_checkpoint(storage_path: str, run_name: str) -> bool:
     )
 
 
-def connect_ray(address: str | None, config: RunConfig) -> None:
-    """A cluster when an address is given (or RAY_ADDRESS), else an embedded local Ray.
-
-    The embedded Ray gets enough logical CPUs for the trainers plus two for Ray Data;
-    its dashboard listens on 127.0.0.1 only.
-    """
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    needed = config.train.num_workers * config.train.cpus_per_worker + 2
-    ray.init(
-        address="local",  # a new embedded Ray, never one already running on this machine
-        num_cpus=max(os.cpu_count() or 1, needed),
-        include_dashboard=True,  # the state API needs it; bound to 127.0.0.1 only
-        dashboard_host="127.0.0.1",
-        configure_logging=True,
-        logging_level="WARNING",
-    )
+def connect_ray_for(address: str | None, config: RunConfig) -> None:
+    """Ray for this run: the embedded one gets the trainers' CPUs plus two for Ray Data."""
+    connect_ray(address, config.train.num_workers * config.train.cpus_per_worker + 2)
 
 
 def count_images(source: ImageSource, declared: int | None) -> int:
@@ -162,7 +144,7 @@ def run_pretraining(
     local_dir.mkdir(parents=True, exist_ok=True)
     resuming = has_checkpoint(storage_path, config.name)
 
-    connect_ray(address, config)
+    connect_ray_for(address, config)
     check_checkpoint_storage(config, storage_path)
     train_source = image_source(config.data.train)
     total_steps, steps_per_epoch = plan_steps(

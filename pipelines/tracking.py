@@ -42,6 +42,14 @@ def redact_uri(text: str) -> str:
     return re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@", r"\1", text)
 
 
+def get_or_create_experiment(client: MlflowClient, experiment: str, tracking_uri: str) -> str:
+    """The experiment's id, creating it (artifacts beside a local store) if needed."""
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(experiment, artifact_location=local_artifact_root(tracking_uri))
+
+
 def start_or_resume_run(
     tracking_uri: str,
     experiment: str,
@@ -52,14 +60,7 @@ def start_or_resume_run(
     """(run id, is new): the latest run named ``run_name`` when the training run resumes
     from a checkpoint, else a new run."""
     client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = (
-        found.experiment_id
-        if found is not None
-        else client.create_experiment(
-            experiment, artifact_location=local_artifact_root(tracking_uri)
-        )
-    )
+    experiment_id = get_or_create_experiment(client, experiment, tracking_uri)
     previous = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",

@@ -26,7 +26,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from pipelines.config import ConfigError, RunConfig, config_to_yaml, validate_config
-from pipelines.pretrain import absolute, connect_ray, run_pretraining
+from pipelines.pretrain import absolute, connect_ray_for, run_pretraining
 from pipelines.sweep_plots import plot_sweep
 from pipelines.tracking import RUN_NAME_TAG, default_tracking_uri, redact_uri, start_or_resume_run
 from pipelines.tune_space import CollapseThresholds, TuneSpace, load_space, set_dotted
@@ -180,7 +180,7 @@ def run_sweep(
     sweep = name or f"{Path(space_path).stem}-sweep"
     storage = absolute(storage_path)
     tracking_uri = base.tracking.tracking_uri or default_tracking_uri(storage)
-    connect_ray(address, base)
+    connect_ray_for(address, base)
 
     client, parent_run_id = None, None
     try:

@@ -43,3 +43,12 @@ def gather_no_grad(z: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, z.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def gather_pair(
+    z1: torch.Tensor, z2: torch.Tensor, enabled: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both views' embeddings over the global batch (with gradients) when ``enabled``."""
+    if not enabled:
+        return z1, z2
+    return gather_with_grad(z1), gather_with_grad(z2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ssl_models import functional as F_ssl
 from ssl_models.backbones import Backbone
-from ssl_models.distributed import gather_with_grad
+from ssl_models.distributed import gather_pair
 from ssl_models.heads import mlp
 from ssl_models.methods.base import Method, ViewEncoding
 
@@ -30,7 +30,5 @@ class SimCLR(Method):
         return ViewEncoding(self.projector(self.backbone(x)))
 
     def pair_loss(self, a: ViewEncoding, b: ViewEncoding):
-        z1, z2 = a.embedding, b.embedding
-        if self.gather:
-            z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
+        z1, z2 = gather_pair(a.embedding, b.embedding, self.gather)
         return F_ssl.nt_xent(z1, z2, self.temperature)

@@ -77,7 +77,10 @@ def test_projections(tmp_path):
 
 def test_singular_values_show_collapse(tmp_path):
     z, _ = clustered()
-    collapsed = torch.randn(300, 1) @ torch.randn(1, 16) + 1e-4 * torch.randn(300, 16)
+    g = torch.Generator().manual_seed(0)
+    # Rank one: every row is +-v, scaled away from 0 so normalising does not amplify noise.
+    scale = (torch.rand(300, 1, generator=g) + 0.5) * torch.randn(300, 1, generator=g).sign()
+    collapsed = scale @ torch.randn(1, 16, generator=g) + 1e-4 * torch.randn(300, 16, generator=g)
     assert singular_values(collapsed)[1] < 1e-2 < singular_values(z)[1]
     path = plot_singular_values({"healthy": z, "collapsed": collapsed}, tmp_path / "sv.png")
     assert png_size(path) == (6 * DPI, 4 * DPI)

@@ -137,3 +137,24 @@ def test_bad_space_names_the_key(tmp_path):
 def test_shipped_spaces_validate(path):
     space, _, base = load_space(path)
     assert base.method.name == path.stem
+
+
+def test_rerunning_a_sweep_by_name_restores_it(ray_session, tmp_path):
+    space = write_space(
+        tmp_path,
+        "simclr",
+        {},
+        {"optim.base_lr": {"distribution": "loguniform", "low": 0.01, "high": 0.1}},
+        collapse={"grace_steps": 100},
+    )
+    first, _ = run_sweep(
+        str(space), 2, scheduler="fifo", name="again", storage_path=str(tmp_path / "sweeps")
+    )
+    again, best_yaml = run_sweep(
+        str(space), 2, scheduler="fifo", name="again", storage_path=str(tmp_path / "sweeps")
+    )
+    # Restored from the sweep's saved state: the same trials, none run a second time.
+    assert sorted(o.trial_id for o in again) == sorted(o.trial_id for o in first)
+    assert best_yaml is not None
+    _, _, children = children_of(tmp_path, "again")
+    assert len(children) == 2

@@ -98,9 +98,11 @@ def pretrain_trial(
 
 def max_concurrent_trials(config: RunConfig) -> int:
     """As many trials as the cluster's resources hold at once: each needs its workers' CPUs
-    (and GPUs) plus one CPU for its Ray Data stages."""
+    (and GPUs) plus two CPUs for its Ray Data stages."""
     resources = ray.cluster_resources()
-    per_trial_cpu = config.train.num_workers * config.train.cpus_per_worker + 1
+    # Two CPUs per trial for its Ray Data read and decode stages, as for a single run
+    # (connect_ray_for): with one, concurrent trials' pipelines can starve each other.
+    per_trial_cpu = config.train.num_workers * config.train.cpus_per_worker + 2
     fit = int(resources.get("CPU", 1) // per_trial_cpu)
     if config.train.use_gpu:
         fit = min(fit, int(resources.get("GPU", 0) // config.train.num_workers))

@@ -89,6 +89,17 @@ def online_knn(model: Method, config: RunConfig, device: torch.device) -> float:
     )
 
 
+def reusable_view_buffer(
+    buffers: list[torch.Tensor], index: int, batch: torch.Tensor, device: torch.device
+) -> torch.Tensor | None:
+    """Last step's view `index` when it can take this batch's views (CPU only: the CUDA
+    caching allocator already reuses memory; on the CPU a fresh batch is page-faulted in)."""
+    if device.type != "cpu" or index >= len(buffers):
+        return None
+    buffer = buffers[index]
+    return buffer if buffer.shape == batch.shape else None
+
+
 def all_workers_agree(flag: bool, device: torch.device) -> bool:
     """True only if ``flag`` is true on every worker (so all skip a step together)."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -153,6 +164,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # ---- the loop --------------------------------------------------------------------------
     shard = ray.train.get_dataset_shard("train")
     generator = torch.Generator(device=device)
+    view_buffers: list[torch.Tensor] = []  # last step's CPU views, rewritten in place
     nonfinite_in_a_row = 0
     latest: dict[str, float] = {}
     window = {"loss": 0.0, "steps": 0, "all_steps": 0, "wait": 0.0, "start": time.perf_counter()}
@@ -166,9 +178,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             window["wait"] += time.perf_counter() - waited_since
             generator.manual_seed(hash((config.train.seed, rank, progress.step)) & 0x7FFF_FFFF_FFFF)
             views = [
-                photometric(batch[column].to(device, non_blocking=True), spec, generator)
-                for column, spec in zip(recipe.columns, recipe.views, strict=True)
+                photometric(
+                    batch[column].to(device, non_blocking=True),
+                    spec,
+                    generator,
+                    out=reusable_view_buffer(view_buffers, v, batch[column], device),
+                )
+                for v, (column, spec) in enumerate(zip(recipe.columns, recipe.views, strict=True))
             ]
+            if not on_gpu:
+                view_buffers = views
             if on_gpu and config.train.channels_last:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
 

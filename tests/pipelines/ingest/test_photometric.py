@@ -169,6 +169,26 @@ def test_blur_and_solarize_after_normalisation_are_exact(real_views):
     assert ((out - expected).abs() > 1e-4).float().mean() < 1e-4
 
 
+def test_blur_only_where_drawn_and_into_a_reused_buffer(real_views):
+    """Views that do not draw the blur are left as they are; `out` is written in place and
+    gives what a fresh output gives; a wrong buffer is refused, naming what is wrong."""
+    n = len(real_views)
+    spec = ViewSpec(size=32, blur_p=0.5, blur_kernel=9)
+    drawn = torch.arange(n) % 2 == 0
+    params = fixed_params(n, blur=drawn, sigma=torch.linspace(0.5, 2.0, n))
+    fresh = pm.apply_photometric(real_views, spec, params)
+    unblurred = pm.apply_photometric(real_views, spec, fixed_params(n))
+    torch.testing.assert_close(fresh[~drawn], unblurred[~drawn], atol=0, rtol=0)
+    assert (fresh[drawn] - unblurred[drawn]).abs().mean() > 0.05
+
+    buffer = torch.full_like(fresh, 7.0)
+    written = pm.apply_photometric(real_views, spec, params, out=buffer)
+    assert written.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(buffer, fresh, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="out must be a contiguous float32"):
+        pm.apply_photometric(real_views, spec, params, out=torch.empty(n, 3, 16, 16))
+
+
 def test_parameter_statistics_match_torchvision():
     spec = simclr(32).views[0]
     n = 20_000

@@ -53,6 +53,26 @@ def _resnet(
     return model, feature_dim
 
 
+def _resnet18_3stage(small_image_stem: bool) -> tuple[nn.Module, int]:
+    """ResNet-18 (He et al. 2016) without its last stage: 256-d features at stride 16.
+
+    A CPU-budget backbone for small images. On 32 px inputs the ImageNet stem leaves
+    an 8x8 map and the last stage runs at 1x1, where 3x3 convolutions mostly multiply
+    padding and run far below the CPU's matmul rate; here the small-image stem is a
+    3x3 stride-2 convolution without max-pool (16x16 into stage 1) and the 512-wide
+    stage is dropped. Measured on a 2-core CPU (bf16, batch 256, two views): about
+    the step time of ResNet-18 with the ImageNet stem, at 4x its spatial resolution
+    (docs/RESULTS.md).
+    """
+    model = models.resnet18(weights=None)
+    model.layer4 = nn.Identity()
+    model.fc = nn.Identity()
+    if small_image_stem:
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=2, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    return model, 256
+
+
 def _regnet(
     constructor: Callable[..., models.RegNet], small_image_stem: bool
 ) -> tuple[nn.Module, int]:
@@ -104,6 +124,7 @@ def _vit(size: ViTSize, image_size: int, small_image_stem: bool) -> tuple[nn.Mod
 BACKBONES: dict[str, Callable[[bool, int], tuple[nn.Module, int]]] = {
     "resnet18": lambda small, _: _resnet(models.resnet18, small),
     "resnet50": lambda small, _: _resnet(models.resnet50, small),
+    "resnet18_3stage": lambda small, _: _resnet18_3stage(small),
     "regnet_y_400mf": lambda small, _: _regnet(models.regnet_y_400mf, small),
     "regnet_y_1_6gf": lambda small, _: _regnet(models.regnet_y_1_6gf, small),
     "regnet_y_16gf": lambda small, _: _regnet(models.regnet_y_16gf, small),
@@ -116,7 +137,7 @@ def build_backbone(name: str, small_image_stem: bool = False, image_size: int = 
     """A randomly initialised backbone by name (see ``BACKBONES``).
 
     small_image_stem: for 32px inputs (CIFAR) — a stride-1 3x3 stem for ResNets and
-    RegNets, 4px patches for ViTs. image_size matters only for ViTs (position embeddings).
+    RegNets (stride 2 for ``resnet18_3stage``), 4px patches for ViTs. image_size matters only for ViTs (position embeddings).
     """
     check_choice("backbone", name, BACKBONES)
     model, feature_dim = BACKBONES[name](small_image_stem, image_size)

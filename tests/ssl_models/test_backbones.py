@@ -15,6 +15,7 @@ SMALL_BUILDS = {
     "regnet_y_400mf": ({"small_image_stem": True}, 32, 440),
     "vit_tiny": ({"small_image_stem": True, "image_size": 32}, 32, 192),
     "resnet50": ({}, 32, 2048),
+    "resnet18_3stage": ({"small_image_stem": True}, 32, 256),
     "regnet_y_1_6gf": ({}, 32, 888),
     "regnet_y_16gf": ({}, 32, 3024),
     "vit_small": ({"small_image_stem": True, "image_size": 32}, 32, 384),
@@ -51,7 +52,7 @@ def _final_map_side(backbone: Backbone, side: int) -> int:
 
 @pytest.mark.parametrize(
     ("name", "standard_side", "small_side"),
-    [("resnet18", 1, 4), ("regnet_y_400mf", 1, 2)],
+    [("resnet18", 1, 4), ("regnet_y_400mf", 1, 2), ("resnet18_3stage", 2, 4)],
 )
 def test_small_image_stem_keeps_resolution_on_32px(name, standard_side, small_side):
     # The standard stems divide 32px down to a 1x1 map; the CIFAR stem keeps more of it.

@@ -89,24 +89,31 @@ def consume(config: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     start, stamps = time.time(), []
-    for batch in shard.iter_torch_batches(batch_size=BATCH):
+    batches = shard.iter_torch_batches(
+        batch_size=BATCH, prefetch_batches=config["prefetch_batches"]
+    )
+    for batch in batches:
         stamps.append((time.time(), len(batch["view_0"])))
     rank = ray.train.get_context().get_world_rank()
     figures = {"start": start, "stamps": stamps}
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(figures))
 
 
-def ray_stamps(parquet: Path, size: int, storage: str) -> tuple[float, list[tuple[float, int]]]:
+def ray_stamps(
+    parquet: Path, size: int, storage: str, args: argparse.Namespace
+) -> tuple[float, list[tuple[float, int]]]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipelines.ingest.dataset import view_dataset
     from pipelines.ingest.sources import ImageSource
+    from pipelines.pretrain import quiet_ray_data
 
-    ds = view_dataset(ImageSource(str(parquet)), simclr(size), seed=0, batch_size=BATCH)
+    quiet_ray_data()  # as `darkmatter pretrain`: no per-operator progress bars
+    ds = view_dataset(ImageSource(str(parquet)), simclr(size), seed=0, batch_size=args.decode_batch)
     TorchTrainer(
         consume,
-        train_loop_config={"out": storage},
+        train_loop_config={"out": storage, "prefetch_batches": args.prefetch_batches},
         datasets={"train": ds},
         scaling_config=ScalingConfig(num_workers=2),
         run_config=RunConfig(name="ingest-bench", storage_path=storage),
@@ -120,10 +127,17 @@ def main() -> int:
     parser.add_argument("--size", type=int, choices=(32, 224), default=32)
     parser.add_argument("--images", type=int, default=20_000)
     parser.add_argument("--warmup", type=float, default=0.1, help="fraction of rows left out")
+    parser.add_argument(
+        "--decode-batch", type=int, default=BATCH, help="rows per decode map_batches call"
+    )
+    parser.add_argument(
+        "--prefetch-batches", type=int, default=2, help="iter_torch_batches (the loop's default)"
+    )
+    parser.add_argument("--skip-dataloader", action="store_true", help="Ray side only")
     args = parser.parse_args()
     import ray
 
-    table = pq.read_table(cifar_train_files()[:2], columns=["image"]).slice(0, args.images)
+    table = pq.read_table(cifar_train_files(), columns=["image"]).slice(0, args.images)
     images = table.column("image").to_pylist()
     if args.size == 224:
         images = upscaled_jpegs(images)
@@ -132,11 +146,15 @@ def main() -> int:
         parquet = Path(tmp) / "images.parquet"
         table = pa.table({"image": pa.array(images, pa.binary())})
         pq.write_table(table, parquet, row_group_size=1000)
-        loader, loader_total = rates(*dataloader_stamps(images, args.size), args.warmup)
+        loader, loader_total = (
+            rates(*dataloader_stamps(images, args.size), args.warmup)
+            if not args.skip_dataloader
+            else (float("nan"), float("nan"))
+        )
         # 2 logical CPUs for the 2 consuming workers, 2 for Ray Data: as the DataLoader's
         # 2 decoding processes plus its consuming main process, on the same cores.
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-        ray_data, ray_total = rates(*ray_stamps(parquet, args.size, tmp), args.warmup)
+        ray_data, ray_total = rates(*ray_stamps(parquet, args.size, tmp, args), args.warmup)
         ray.shutdown()
     load = max(load, os.getloadavg()[0])
     result = {

@@ -173,7 +173,7 @@ def view_dataset(
     shuffle_units: bool = True,
     keep_key: bool = False,
     mask_generator: MaskGenerator | None = None,
-    concurrency: int | tuple[int, int] | None = None,
+    max_tasks: int | None = None,
 ) -> ray.data.Dataset:
     """The CPU half of `recipe` over `source`, for `epochs` epochs (see module doc).
 
@@ -183,7 +183,9 @@ def view_dataset(
     are visited in a new order every epoch (seeded) unless `shuffle_units=False`.
     Decode failures are counted in the `IngestCounter` named `counter` (reset here;
     use one name per concurrent run). `mask_generator` is the seam for masked
-    methods (unused by the presets). The photometric half runs on the batch:
+    methods (unused by the presets). `max_tasks` caps the decode tasks running at
+    once (default: as many as Ray Data's CPU budget allows). The photometric half
+    runs on the batch:
     `photometric(batch[f"view_{i}"], recipe.views[i], generator)`.
     """
     if seed < 0:
@@ -204,7 +206,7 @@ def view_dataset(
         ),
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=concurrency,
+        compute=ray.data.TaskPoolStrategy(size=max_tasks),
     )
 
 

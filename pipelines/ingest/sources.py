@@ -392,7 +392,8 @@ def read_raw_rows(
         batch_size=1,
         batch_format="numpy",
         num_cpus=0.5,
-        concurrency=min(2, units.count()),  # from_items: counted from metadata
+        # from_items: counted from metadata
+        compute=ray.data.TaskPoolStrategy(size=min(2, units.count())),
     )
 
 

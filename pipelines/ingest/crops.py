@@ -1,21 +1,25 @@
-"""The CPU half of a view: random resized crop + horizontal flip, to uint8 (3, S, S).
+"""The CPU half of a view: random resized crop + horizontal flip, to uint8 (S, S, 3).
 
 Only this part needs the full image, so it runs where the bytes are decoded. The
 crop boxes are drawn from the image *header* first, so that a JPEG is decoded at
 the smallest DCT scale (1/2, 1/4, 1/8) that still gives every crop at least its
-output resolution (`views_from_bytes`). Plain JPEGs decoded at full scale go
-through torchvision's libjpeg-turbo decoder; every crop is resized by torch's
-antialiased bilinear `interpolate` on uint8 (SIMD on the CPU, and PIL's filter).
+output resolution (`views_into`). Plain JPEGs decoded at full scale go through
+torchvision's libjpeg-turbo decoder; every crop is resized by torch's antialiased
+bilinear filter on uint8 (AVX2 on the CPU, Pillow-SIMD's algorithm) straight into
+its row of the batch (`crop_batch`). Views are channels-last (S, S, 3), as images
+are stored: the layout the filter writes fastest; the device half reads them as
+(N, 3, S, S) channels_last tensors (`photometric.channels_first`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from pipelines.ingest.decode import (
@@ -112,13 +116,23 @@ def as_pixels(image: np.ndarray | Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
-def resize_crop(pixels: torch.Tensor, box: CropBox, size: int, scale: float = 1.0) -> np.ndarray:
-    """One view: `box` (full-size coordinates) of `pixels` (decoded at `scale`) -> (3, S, S).
+# The antialiased bilinear resize that `F.interpolate(..., antialias=True)` runs, called
+# with `out=`: interpolate has no `out`, and its Python checks cost more than a 32 px
+# resize. On uint8 it is torch's AVX2 port of Pillow-SIMD's filter.
+_resize_aa_into = torch.ops.aten._upsample_bilinear2d_aa.out
 
+
+def resize_crop_into(
+    pixels: torch.Tensor, box: CropBox, out: torch.Tensor, scale: float = 1.0
+) -> None:
+    """One view: `box` (full-size coordinates) of `pixels` (decoded at `scale`) -> `out`.
+
+    `out` is a uint8 (S, S, 3) tensor (a row of a view batch), written in place.
     Bilinear with antialiasing on downscale: torchvision's RandomResizedCrop default.
     At a reduced decode scale the box edges snap to the nearest decoded pixel (at
-    most half a pixel there; the crop still holds >= `size` decoded pixels). The
-    result may be a strided view (channels last, flipped): `np.stack` copies it.
+    most half a pixel there; the crop still holds >= S decoded pixels). A flipped
+    view mirrors the crop before the resize (the filter is symmetric: the same
+    pixels up to fixed-point rounding, and a crop is smaller than its view).
     """
     left, top = box.left, box.top
     right, bottom = left + box.width, top + box.height
@@ -128,21 +142,17 @@ def resize_crop(pixels: torch.Tensor, box: CropBox, size: int, scale: float = 1.
         top, bottom = min(round(top * scale), height - 1), min(round(bottom * scale), height)
         right, bottom = max(right, left + 1), max(bottom, top + 1)
     crop = pixels[None, :, top:bottom, left:right]
+    if box.flip:
+        crop = crop.flip(-1)
+    target = out.permute(2, 0, 1)[None]  # (1, 3, S, S) in (S, S, 3) memory
+    size = out.shape[0]
     if crop.shape[-2:] == (size, size):
-        out = crop[0].numpy()
+        target.copy_(crop)
     else:
-        resized = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)
-        out = resized[0].numpy()
-    return out[:, :, ::-1] if box.flip else out
+        _resize_aa_into(crop, [size, size], False, out=target)
 
 
-def crop_views(
-    image: np.ndarray | Image.Image, recipe: ViewRecipe, rng: np.random.Generator
-) -> list[np.ndarray]:
-    """The CPU half of each view of `recipe`: a list of uint8 (3, S_i, S_i) arrays.
-
-    `image` is (H, W, 3) uint8 RGB (as `decode_rgb` returns) or an RGB PIL image.
-    """
+def _check_image(image: np.ndarray | Image.Image) -> None:
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(
@@ -150,28 +160,49 @@ def crop_views(
             )
     elif image.mode != "RGB":
         raise ValueError(f"crop_views: PIL image must be RGB, got {image.mode}")
-    pixels = as_pixels(image)
-    _, height, width = pixels.shape
-    boxes = sample_crops(width, height, recipe, rng)
+
+
+def view_buffers(recipe: ViewRecipe, rows: int) -> list[torch.Tensor]:
+    """Empty uint8 (rows, S_i, S_i, 3) tensors, one per view of `recipe`."""
     return [
-        resize_crop(pixels, box, spec.size) for box, spec in zip(boxes, recipe.views, strict=True)
+        torch.empty((rows, spec.size, spec.size, 3), dtype=torch.uint8) for spec in recipe.views
     ]
 
 
-def views_from_bytes(
+def crop_views(
+    image: np.ndarray | Image.Image, recipe: ViewRecipe, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """The CPU half of each view of `recipe`: a list of uint8 (S_i, S_i, 3) arrays.
+
+    `image` is (H, W, 3) uint8 RGB (as `decode_rgb` returns) or an RGB PIL image.
+    """
+    _check_image(image)
+    pixels = as_pixels(image)
+    _, height, width = pixels.shape
+    boxes = sample_crops(width, height, recipe, rng)
+    outs = view_buffers(recipe, 1)
+    for box, out in zip(boxes, outs, strict=True):
+        resize_crop_into(pixels, box, out[0])
+    return [out[0].numpy() for out in outs]
+
+
+def views_into(
     data: ImageInput,
     recipe: ViewRecipe,
     rng: np.random.Generator,
+    outs: list[torch.Tensor],
+    row: int,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> list[np.ndarray]:
-    """Decode + crop in one pass: boxes from the header, then the cheapest decode.
+) -> None:
+    """Decode + crop in one pass, into row `row` of each view batch in `outs`.
 
-    A plain JPEG's size comes from its frame header; when every crop allows a
-    reduction by >= 2, PIL decodes at 1/2, 1/4 or 1/8 DCT scale (`draft`), else
-    torchvision decodes it at full size. Other formats, odd JPEGs and JPEGs that
-    torchvision refuses go through PIL, which gives a bad file its reason. Same
-    distribution as `crop_views(decode_rgb(data), ...)`; raises `UndecodableImage`.
+    Crop boxes come from the header first, then the cheapest decode: a plain JPEG's
+    size comes from its frame header; when every crop allows a reduction by >= 2,
+    PIL decodes at 1/2, 1/4 or 1/8 DCT scale (`draft`), else torchvision decodes it
+    at full size. Other formats, odd JPEGs and JPEGs that torchvision refuses go
+    through PIL, which gives a bad file its reason. Same distribution as
+    `crop_views(decode_rgb(data), ...)`; raises `UndecodableImage` (rows untouched).
     """
     raw = read_bytes(data)
     header = None
@@ -194,7 +225,76 @@ def views_from_bytes(
         header = header or open_image(raw, max_pixels=max_pixels)
         pixels = as_pixels(load_rgb(header, target_min_side=side))
     scale = pixels.shape[2] / width
-    return [
-        resize_crop(pixels, box, spec.size, scale)
-        for box, spec in zip(boxes, recipe.views, strict=True)
-    ]
+    for box, out in zip(boxes, outs, strict=True):
+        resize_crop_into(pixels, box, out[row], scale)
+
+
+def views_from_bytes(
+    data: ImageInput,
+    recipe: ViewRecipe,
+    rng: np.random.Generator,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> list[np.ndarray]:
+    """`views_into` for one image: a list of uint8 (S_i, S_i, 3) arrays."""
+    outs = view_buffers(recipe, 1)
+    views_into(data, recipe, rng, outs, 0, max_pixels=max_pixels)
+    return [out[0].numpy() for out in outs]
+
+
+# Seam for masked / predictive methods (a later issue): called once per decoded row
+# with that row's generator, after the crops; returns extra per-row arrays (e.g.
+# {"mask": bool (H', W')}) that become columns of the batch.
+MaskGenerator = Callable[[np.random.Generator], dict[str, np.ndarray]]
+
+
+@dataclass
+class CroppedBatch:
+    """`crop_batch`'s result: views of the rows that decoded, and why the others did not."""
+
+    views: list[np.ndarray]  # per view of the recipe: uint8 (kept, S_i, S_i, 3)
+    kept: list[int]  # indices of the input rows that decoded, in order
+    skipped: Counter[str] = field(default_factory=Counter)  # reason -> rows
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # mask_generator's columns
+
+
+def crop_batch(
+    datas: Iterable[ImageInput],
+    rngs: Iterable[np.random.Generator],
+    recipe: ViewRecipe,
+    *,
+    rows: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    mask_generator: MaskGenerator | None = None,
+) -> CroppedBatch:
+    """The CPU half of a batch of `rows` images, each view written straight into its batch.
+
+    One uint8 (rows, S, S, 3) tensor per view is allocated up front and every decoded
+    row is resized into its next free row (no per-image arrays, no stacking copy; the
+    (S, S, 3) layout is the one the resize filter writes fastest). A row that fails
+    is counted by reason in `skipped` and leaves no gap. `rngs` gives each row its
+    generator (drawn from lazily, in step with `datas`; it may be endless, e.g.
+    `itertools.repeat(rng)` for one generator shared in row order).
+    """
+    outs = view_buffers(recipe, rows)
+    kept: list[int] = []
+    skipped: Counter[str] = Counter()
+    masks: dict[str, list[np.ndarray]] = {}
+    for i, (data, rng) in enumerate(zip(datas, rngs, strict=False)):  # rngs may be endless
+        if i >= rows:
+            raise ValueError(f"crop_batch: more than rows={rows} images")
+        try:
+            views_into(data, recipe, rng, outs, len(kept), max_pixels=max_pixels)
+        except UndecodableImage as err:
+            skipped[err.reason] += 1
+            continue
+        if mask_generator is not None:
+            for name, array in mask_generator(rng).items():
+                masks.setdefault(name, []).append(array)
+        kept.append(i)
+    return CroppedBatch(
+        views=[out[: len(kept)].numpy() for out in outs],
+        kept=kept,
+        skipped=skipped,
+        masks={name: np.stack(arrays) for name, arrays in masks.items()},
+    )

@@ -19,25 +19,18 @@ from __future__ import annotations
 
 import zlib
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import ray
 from PIL import Image
 
-from pipelines.ingest.crops import views_from_bytes
+from pipelines.ingest.crops import MaskGenerator, crop_batch
 from pipelines.ingest.decode import DEFAULT_MAX_PIXELS, UndecodableImage, decode_pil
 from pipelines.ingest.recipes import ViewRecipe
 from pipelines.ingest.sources import ImageSource, read_raw_rows
 
 COUNTER_NAMESPACE = "darkmatter-ingest"
-
-# Seam for masked / predictive methods (a later issue): called once per decoded
-# row with that row's generator, after the crops; returns extra per-row arrays
-# (e.g. {"mask": bool (H', W')}) that become columns of the dataset.
-MaskGenerator = Callable[[np.random.Generator], dict[str, np.ndarray]]
-
 
 # --- counting -------------------------------------------------------------------
 
@@ -129,35 +122,24 @@ def _views_batch(
     keep_key: bool,
     mask_generator: MaskGenerator | None,
 ) -> dict[str, np.ndarray]:
-    views: list[list[np.ndarray]] = [[] for _ in recipe.views]
-    kept: list[int] = []
-    masks: dict[str, list[np.ndarray]] = {}
-    skipped: Counter[str] = Counter()
-    for i, (data, key, epoch) in enumerate(
-        zip(batch["bytes"], batch["key"], batch["epoch"], strict=True)
-    ):
-        rng = row_rng(seed, int(epoch), str(key))
-        try:
-            row_views = views_from_bytes(data, recipe, rng, max_pixels=max_pixels)
-        except UndecodableImage as err:
-            skipped[err.reason] += 1
-            continue
-        for column, view in zip(views, row_views, strict=True):
-            column.append(view)
-        if mask_generator is not None:
-            for name, array in mask_generator(rng).items():
-                masks.setdefault(name, []).append(array)
-        kept.append(i)
-    _report(counter, len(kept), skipped)
-    out = {
-        f"view_{v}": _stack(column, (3, spec.size, spec.size))
-        for v, (column, spec) in enumerate(zip(views, recipe.views, strict=True))
-    }
-    for name, arrays in masks.items():
-        out[name] = np.stack(arrays)
+    rngs = (
+        row_rng(seed, int(epoch), str(key))
+        for key, epoch in zip(batch["key"], batch["epoch"], strict=True)
+    )
+    cropped = crop_batch(
+        batch["bytes"],
+        rngs,
+        recipe,
+        rows=len(batch["bytes"]),
+        max_pixels=max_pixels,
+        mask_generator=mask_generator,
+    )
+    _report(counter, len(cropped.kept), cropped.skipped)
+    out = {column: view for column, view in zip(recipe.columns, cropped.views, strict=True)}
+    out.update(cropped.masks)
     for column in ("label", "epoch") + (("key",) if keep_key else ()):
         if column in batch:
-            out[column] = batch[column][kept]
+            out[column] = batch[column][cropped.kept]
     return out
 
 
@@ -177,7 +159,8 @@ def view_dataset(
 ) -> ray.data.Dataset:
     """The CPU half of `recipe` over `source`, for `epochs` epochs (see module doc).
 
-    Columns: `view_i` uint8 (3, S_i, S_i) for each view of the recipe, `epoch`
+    Columns: `view_i` uint8 (S_i, S_i, 3) for each view of the recipe (channels
+    last; `photometric.channels_first` makes a batch of them (N, 3, S, S)), `epoch`
     int64, `label` int64 when `source.label_column` is set (and `key` with
     `keep_key`, for debugging: strings do not batch into tensors). The read units
     are visited in a new order every epoch (seeded) unless `shuffle_units=False`.
@@ -186,7 +169,7 @@ def view_dataset(
     methods (unused by the presets). `max_tasks` caps the decode tasks running at
     once (default: as many as Ray Data's CPU budget allows). The photometric half
     runs on the batch:
-    `photometric(batch[f"view_{i}"], recipe.views[i], generator)`.
+    `photometric(channels_first(batch[f"view_{i}"]), recipe.views[i], generator)`.
     """
     if seed < 0:
         raise ValueError(f"view_dataset: seed={seed!r} must be >= 0")

@@ -1,6 +1,7 @@
 """The device half of a view: photometric augmentation, batched over N views.
 
-Input uint8 (N, 3, S, S) on any device, output float32 (N, 3, S, S) normalised.
+Input uint8 (N, 3, S, S) on any device, in any memory format (a dataset's channels-last
+(N, S, S, 3) views through `channels_first`), output float32 (N, 3, S, S) normalised.
 Each view gets its own random parameters, drawn with the distributions of the
 torchvision recipe that SimCLR/BYOL use (`ColorJitter` in a random order per view,
 `RandomGrayscale`, `GaussianBlur`, `RandomSolarize`).
@@ -225,6 +226,13 @@ def _apply_where(x: torch.Tensor, mask: torch.Tensor, op) -> None:
 _CPU_CHUNK_PIXELS = 1 << 17
 
 
+def channels_first(views: torch.Tensor) -> torch.Tensor:
+    """A dataset's uint8 (N, S, S, 3) views as (N, 3, S, S): a channels_last view, no copy."""
+    if views.ndim != 4 or views.shape[3] != 3:
+        raise ValueError(f"channels_first: views must be (N, S, S, 3), got {tuple(views.shape)}")
+    return views.permute(0, 3, 1, 2)
+
+
 def apply_photometric(
     views: torch.Tensor,
     spec: ViewSpec,
@@ -233,6 +241,8 @@ def apply_photometric(
 ) -> torch.Tensor:
     """Apply drawn parameters: colour (fused) -> blur -> solarize, normalised (module doc).
 
+    `views`: uint8 (N, 3, S, S) in any memory format (the dataset's views are
+    channels_last: `channels_first(batch["view_0"])`); the output is contiguous.
     `out`: an optional float32 (N, 3, S, S) tensor to write into (and return). A
     training loop on the CPU passes last step's views back: a fresh 224 px batch is
     tens of MB that glibc maps anew each time, and this VM charges ~3.5 us per page.
@@ -243,40 +253,29 @@ def apply_photometric(
         )
     params = params.to(views.device)
     n, _, h, w = views.shape
-    flat = views.reshape(n, 3, h * w)
     if out is None:
-        out = torch.empty((n, 3, h * w), dtype=torch.float32, device=views.device)
-    else:
-        if (
-            out.shape != views.shape
-            or out.dtype != torch.float32
-            or out.device != views.device
-            or not out.is_contiguous()
-        ):
-            raise ValueError(
-                f"photometric: out must be a contiguous float32 {tuple(views.shape)} tensor on "
-                f"{views.device}, got {out.dtype} {tuple(out.shape)} on {out.device}"
-            )
-        out = out.view(n, 3, h * w)
+        out = torch.empty((n, 3, h, w), dtype=torch.float32, device=views.device)
+    elif (
+        out.shape != views.shape
+        or out.dtype != torch.float32
+        or out.device != views.device
+        or not out.is_contiguous()
+    ):
+        raise ValueError(
+            f"photometric: out must be a contiguous float32 {tuple(views.shape)} tensor on "
+            f"{views.device}, got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    # One pass converts to float and to (N, 3, S, S) memory, whatever the input layout.
+    out.copy_(views)
+    out = out.view(n, 3, h * w)
     if views.device.type == "cpu":
+        # The affine map reads a copy of a few views at a time: a whole-batch temporary
+        # would be a fresh batch-sized tensor, paid in page faults.
         chunk = max(1, _CPU_CHUNK_PIXELS // (h * w))
         scratch = torch.empty((min(chunk, n), 3, h * w), dtype=torch.float32)
     else:
         chunk, scratch = max(n, 1), None
-    chunks = [(start, min(n, start + chunk)) for start in range(0, n, chunk)]
-
-    def as_float(start: int, stop: int) -> torch.Tensor:
-        if scratch is None:
-            return flat[start:stop].to(torch.float32)
-        return scratch[: stop - start].copy_(flat[start:stop])
-
-    # Chunk by chunk: a whole-batch conversion (even an integer sum's) is a fresh
-    # batch-sized tensor, page-faulted in.
-    means = (
-        torch.cat([as_float(*c).mean(dim=2) for c in chunks]) / 255.0
-        if n
-        else flat.new_zeros(0, 3, dtype=torch.float32)
-    )
+    means = out.mean(dim=2) / 255.0
     a, t = colour_affine(params, means)
     # Fold the [0, 255] -> [0, 1] scaling and the normalisation into (a, t) and the clamp.
     # Per-channel scalar clamp bounds (broadcast tensor bounds run ~4x slower), computed
@@ -288,9 +287,10 @@ def apply_photometric(
     mean, std = mean_cpu.to(out.device), std_cpu.to(out.device)
     a = a / (255.0 * std.view(1, 3, 1))
     t = ((t - mean) / std).unsqueeze(-1)
-    for start, stop in chunks:
-        x = as_float(start, stop)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
         y = out[start:stop]
+        x = y.clone() if scratch is None else scratch[: stop - start].copy_(y)
         torch.baddbmm(t[start:stop], a[start:stop], x, out=y)
         for channel, (low, high) in enumerate(bounds):
             y[:, channel].clamp_(low, high)
@@ -310,7 +310,9 @@ def photometric(
     generator: torch.Generator | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """uint8 (N, 3, S, S) -> normalised float32 (N, 3, S, S), per-view random parameters.
+    """uint8 (N, 3, S, S), any memory format -> normalised float32 (N, 3, S, S), contiguous.
+
+    Per-view random parameters.
 
     Run it where the batch lives (the GPU when training on one); `generator` must be
     on that device (or None for torch's default generator). `out`: see

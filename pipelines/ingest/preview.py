@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.ingest.crops import views_from_bytes
-from pipelines.ingest.photometric import photometric
+from pipelines.ingest.crops import crop_batch
+from pipelines.ingest.photometric import channels_first, photometric
 from pipelines.ingest.recipes import ViewRecipe
 
 
@@ -19,11 +20,12 @@ def views_grid(
     """Both halves of `recipe` on each image, de-normalised back to pixels."""
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
-    crops = [views_from_bytes(data, recipe, rng) for data in images]
+    cropped = crop_batch(images, itertools.repeat(rng), recipe, rows=len(images))
+    if cropped.skipped:
+        raise ValueError(f"views_grid: images that do not decode: {dict(cropped.skipped)}")
     columns = []
-    for v, spec in enumerate(recipe.views):
-        batch = torch.from_numpy(np.stack([row[v] for row in crops]))
-        out = photometric(batch, spec, generator)
+    for view, spec in zip(cropped.views, recipe.views, strict=True):
+        out = photometric(channels_first(torch.from_numpy(view)), spec, generator)
         mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
         std = torch.tensor(spec.std).view(1, 3, 1, 1)
         pixels = ((out * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)

@@ -2,16 +2,25 @@
 
 - Recipes (`recipes.py`): `ViewSpec`, `ViewRecipe`, presets `simclr`, `byol`,
   `multicrop`, and `recipe_from_dict` for overrides.
-- CPU half (`crops.py`): `crop_views(image, recipe, rng)` -> uint8 (3, S, S) per view:
-  random resized crop + flip, where the full image is.
-- Device half (`photometric.py`): `photometric(views, spec, generator)` on a uint8
-  (N, 3, S, S) batch -> normalised float32, per-view random parameters.
+- CPU half (`crops.py`): `crop_views(image, recipe, rng)` -> uint8 (S, S, 3) per view:
+  random resized crop + flip, where the full image is; `crop_batch` decodes and crops
+  a batch of encoded images straight into (N, S, S, 3) arrays, skipping bad ones.
+- Device half (`photometric.py`): `photometric(channels_first(views), spec, generator)`
+  on a uint8 (N, 3, S, S) batch -> normalised float32, per-view random parameters.
 """
 
-from pipelines.ingest.crops import CropBox, crop_views, sample_crop, views_from_bytes
+from pipelines.ingest.crops import (
+    CropBox,
+    CroppedBatch,
+    crop_batch,
+    crop_views,
+    sample_crop,
+    views_from_bytes,
+)
 from pipelines.ingest.photometric import (
     PhotometricParams,
     apply_photometric,
+    channels_first,
     photometric,
     sample_photometric_params,
 )
@@ -26,11 +35,14 @@ from pipelines.ingest.recipes import (
 
 __all__ = [
     "CropBox",
+    "CroppedBatch",
     "PhotometricParams",
     "ViewRecipe",
     "ViewSpec",
     "apply_photometric",
     "byol",
+    "channels_first",
+    "crop_batch",
     "crop_views",
     "multicrop",
     "photometric",

@@ -34,7 +34,7 @@ def test_bad_rows_skipped_and_counted_good_rows_survive(ray_session, corpus, lay
     assert counts["decoded"] == corpus["n_good"]
     assert counts["skipped_by_reason"] == corpus["bad_reasons"]
     row = next(iter(rows.values()))
-    assert row["view_0"].shape == (3, 16, 16) and row["view_0"].dtype == np.uint8
+    assert row["view_0"].shape == (16, 16, 3) and row["view_0"].dtype == np.uint8
     assert row["label"].dtype == np.int64
 
 

@@ -236,6 +236,20 @@ def test_photometric_batch_shapes_normalisation_and_seed():
         pm.photometric(views.float(), spec)
 
 
+def test_channels_last_views_give_the_same_output(real_views):
+    """The dataset's (N, S, S, 3) views through `channels_first` equal contiguous ones."""
+    stored = real_views.permute(0, 2, 3, 1).contiguous()  # as a dataset batch holds them
+    as_read = pm.channels_first(stored)
+    assert as_read.shape == real_views.shape and not as_read.is_contiguous()
+    spec = byol(32).views[1]
+    theirs = pm.photometric(real_views, spec, torch.Generator().manual_seed(5))
+    ours = pm.photometric(as_read, spec, torch.Generator().manual_seed(5))
+    assert ours.is_contiguous()
+    torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"\(N, S, S, 3\)"):
+        pm.channels_first(real_views)
+
+
 def test_views_grid_png(tmp_path, sample_table):
     upscaled = [
         encode(Image.open(io.BytesIO(data)).resize((128, 128)))

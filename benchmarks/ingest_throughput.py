@@ -72,14 +72,17 @@ def rates(start: float, stamps: list[tuple[float, int]], warmup: float) -> tuple
     return (total - rows0) / (end - t0), total / (end - start)
 
 
-def dataloader_stamps(images: list[bytes], size: int) -> tuple[float, list[tuple[float, int]]]:
+def dataloader_stamps(
+    images: list[bytes], size: int, epochs: int
+) -> tuple[float, list[tuple[float, int]]]:
     loader = torch.utils.data.DataLoader(
         ViewsDataset(images, size), batch_size=BATCH, num_workers=2, collate_fn=collate,
-        persistent_workers=False, prefetch_factor=4,
+        persistent_workers=True, prefetch_factor=4,
     )  # fmt: skip
     start, stamps = time.time(), []
-    for views in loader:
-        stamps.append((time.time(), len(views[0])))
+    for _ in range(epochs):
+        for views in loader:
+            stamps.append((time.time(), len(views[0])))
     return start, stamps
 
 
@@ -110,7 +113,13 @@ def ray_stamps(
     from pipelines.pretrain import quiet_ray_data
 
     quiet_ray_data()  # as `darkmatter pretrain`: no per-operator progress bars
-    ds = view_dataset(ImageSource(str(parquet)), simclr(size), seed=0, batch_size=args.decode_batch)
+    ds = view_dataset(
+        ImageSource(str(parquet)),
+        simclr(size),
+        seed=0,
+        epochs=args.epochs,
+        batch_size=args.decode_batch,
+    )
     TorchTrainer(
         consume,
         train_loop_config={"out": storage, "prefetch_batches": args.prefetch_batches},
@@ -126,9 +135,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, choices=(32, 224), default=32)
     parser.add_argument("--images", type=int, default=20_000)
+    parser.add_argument("--epochs", type=int, default=3, help="passes over the images, both sides")
     parser.add_argument("--warmup", type=float, default=0.1, help="fraction of rows left out")
     parser.add_argument(
-        "--decode-batch", type=int, default=BATCH, help="rows per decode map_batches call"
+        "--decode-batch",
+        type=int,
+        default=None,
+        help="rows per decode map_batches call (default: view_dataset's, as darkmatter pretrain)",
     )
     parser.add_argument(
         "--prefetch-batches", type=int, default=2, help="iter_torch_batches (the loop's default)"
@@ -147,7 +160,7 @@ def main() -> int:
         table = pa.table({"image": pa.array(images, pa.binary())})
         pq.write_table(table, parquet, row_group_size=1000)
         loader, loader_total = (
-            rates(*dataloader_stamps(images, args.size), args.warmup)
+            rates(*dataloader_stamps(images, args.size, args.epochs), args.warmup)
             if not args.skip_dataloader
             else (float("nan"), float("nan"))
         )
@@ -160,6 +173,7 @@ def main() -> int:
     result = {
         "size": args.size,
         "images": len(images),
+        "epochs": args.epochs,
         "ray_data_img_s": round(ray_data, 1),
         "dataloader_img_s": round(loader, 1),
         "ratio": round(ray_data / loader, 2),
@@ -167,7 +181,8 @@ def main() -> int:
         "dataloader_start_to_end_img_s": round(loader_total, 1),
         "load_avg_1min": round(load, 2),
     }
-    print(f"two SimCLR views (CPU half) at {args.size} px, {len(images)} images, 2 consumers, "
+    print(f"two SimCLR views (CPU half) at {args.size} px, {len(images)} images x {args.epochs} "
+          f"epochs, 2 consumers, "
           f"load {load:.1f}")  # fmt: skip
     print(f"  {'img/s':<34}{'steady':>10}{'start-end':>11}")
     print(f"  {'Ray Data -> 2 Ray Train workers':<34}{ray_data:>10,.1f}{ray_total:>11,.1f}")

@@ -143,6 +143,17 @@ def _views_batch(
     return out
 
 
+def decode_batch_rows(recipe: ViewRecipe, target_bytes: int = 64 * 1024 * 1024) -> int:
+    """Rows per decode call: output blocks of about `target_bytes` of views, 16 to 512 rows.
+
+    Each call is one block through Ray's object store and one counter report: 512
+    rows at 32 px (3 MiB), ~220 at 224 px (two views, 64 MiB), fewer for bigger
+    multi-crop recipes, under Ray Data's 128 MiB target block size.
+    """
+    row_bytes = sum(3 * spec.size * spec.size for spec in recipe.views)
+    return max(16, min(512, target_bytes // row_bytes))
+
+
 def view_dataset(
     source: ImageSource,
     recipe: ViewRecipe,
@@ -150,7 +161,7 @@ def view_dataset(
     seed: int,
     epochs: int = 1,
     counter: str = "train",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     shuffle_units: bool = True,
     keep_key: bool = False,
@@ -167,7 +178,9 @@ def view_dataset(
     Decode failures are counted in the `IngestCounter` named `counter` (reset here;
     use one name per concurrent run). `mask_generator` is the seam for masked
     methods (unused by the presets). `max_tasks` caps the decode tasks running at
-    once (default: as many as Ray Data's CPU budget allows). The photometric half
+    once (default: as many as Ray Data's CPU budget allows). `batch_size`: rows per
+    decode call, and so per output block (default `decode_batch_rows(recipe)`). The
+    photometric half
     runs on the batch:
     `photometric(channels_first(batch[f"view_{i}"]), recipe.views[i], generator)`.
     """
@@ -175,6 +188,8 @@ def view_dataset(
         raise ValueError(f"view_dataset: seed={seed!r} must be >= 0")
     if epochs < 1:
         raise ValueError(f"view_dataset: epochs={epochs!r} must be >= 1")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"view_dataset: batch_size={batch_size!r} must be >= 1")
     ingest_counter(counter, reset=True)
     raw = read_raw_rows(source, epochs=epochs, shuffle_seed=seed if shuffle_units else None)
     return raw.map_batches(
@@ -187,7 +202,7 @@ def view_dataset(
             keep_key=keep_key,
             mask_generator=mask_generator,
         ),
-        batch_size=batch_size,
+        batch_size=batch_size or decode_batch_rows(recipe),
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=max_tasks),
     )

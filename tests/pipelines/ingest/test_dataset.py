@@ -5,11 +5,19 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from ingest_files import encode, random_rgb
 
-from pipelines.ingest.dataset import ingest_counts, labeled_eval_dataset, view_dataset
-from pipelines.ingest.recipes import simclr
-from pipelines.ingest.sources import ImageSource, read_raw
+from pipelines.ingest.dataset import (
+    decode_batch_rows,
+    ingest_counts,
+    labeled_eval_dataset,
+    view_dataset,
+)
+from pipelines.ingest.recipes import multicrop, simclr
+from pipelines.ingest.sources import ImageSource, plan_units, read_raw
 
 
 def rows_by_key(ds) -> dict[tuple[str, int], dict]:
@@ -121,3 +129,33 @@ def test_source_validation_names_the_field(tmp_path):
         ImageSource(["s3://b/a.jpg", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_raw(ImageSource(str(tmp_path / "nowhere")))
+
+
+def test_read_units_group_row_groups_and_files_keys_unchanged(ray_session, tmp_path, corpus):
+    """Small parquet row groups are grouped into units of >= rows_per_unit rows (one decode
+    task each) and folder files into units of rows_per_unit; the rows and their keys are
+    the same whatever the unit size."""
+    images = [encode(random_rgb(16 + i % 5)) for i in range(40)]
+    path = tmp_path / "groups.parquet"
+    pq.write_table(pa.table({"image": images}), path, row_group_size=6)
+    _, units = plan_units(ImageSource(str(path), rows_per_unit=10))
+    assert [u["rows"] for u in units] == [12, 12, 12, 4]
+    assert [u["row_groups"] for u in units] == [[0, 1], [2, 3], [4, 5], [6]]
+    _, one = plan_units(ImageSource(str(path)))
+    assert [u["rows"] for u in one] == [40]
+    small = read_raw(ImageSource(str(path), rows_per_unit=10)).take_batch(100)
+    whole = read_raw(ImageSource(str(path))).take_batch(100)
+    assert sorted(small["key"]) == sorted(whole["key"])
+    by_key = dict(zip(small["key"], small["bytes"], strict=True))
+    for key, data in zip(whole["key"], whole["bytes"], strict=True):
+        assert by_key[key] == data == images[int(key.rsplit("#", 1)[1])]
+    _, folder_units = plan_units(ImageSource(str(corpus["folder"]), rows_per_unit=3))
+    assert all(u["rows"] == 3 for u in folder_units[:-1]) and 1 <= folder_units[-1]["rows"] <= 3
+    with pytest.raises(ValueError, match="rows_per_unit=0"):
+        ImageSource(str(path), rows_per_unit=0)
+
+
+def test_decode_batch_rows_keeps_blocks_near_64_mib():
+    assert decode_batch_rows(simclr(32)) == 512
+    assert decode_batch_rows(simclr(224)) == 64 * 1024 * 1024 // (2 * 3 * 224 * 224)
+    assert decode_batch_rows(multicrop(1024, 96, n_local=6)) == 16

@@ -17,9 +17,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 try:
-    from torchvision.io import ImageReadMode, decode_jpeg
-except ImportError:  # a torchvision without its (deprecated) image codecs: PIL decodes
-    decode_jpeg = None
+    # torchvision's libjpeg-turbo decoder, as the op its `decode_jpeg` wraps: the wrapper's
+    # checks and its deprecation warning (torchvision 0.29 deprecates its codecs for
+    # TorchCodec's) cost ~20 us an image, a third of a 32 px decode.
+    from torchvision.io import ImageReadMode
+
+    _decode_jpeg_op = torch.ops.image.decode_jpeg
+    _RGB = ImageReadMode.RGB.value
+except (ImportError, AttributeError, RuntimeError):  # no image codecs: PIL decodes
+    _decode_jpeg_op = None
 
 # 100 Mpx (10k x 10k) is far beyond any pretraining image; larger
 # headers are decompression bombs (a 40-byte PNG can claim 10^10 pixels).
@@ -142,16 +148,11 @@ def decode_plain_jpeg(raw: bytes) -> torch.Tensor:
     PIL's per-image set-up dominates. Raises `UndecodableImage` ("truncated", or
     "unsupported" where torchvision has no decoder).
     """
-    if decode_jpeg is None:
-        raise UndecodableImage("unsupported", "torchvision.io.decode_jpeg is not available")
+    if _decode_jpeg_op is None:
+        raise UndecodableImage("unsupported", "torchvision's decode_jpeg is not available")
     try:
-        with warnings.catch_warnings():
-            # torchvision 0.29 deprecates its image codecs for TorchCodec's; PIL is the
-            # fallback the day they go (`views_from_bytes`).
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return decode_jpeg(
-                torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB
-            )
+        # No EXIF rotation, as the PIL path. PIL is the fallback the day the op goes.
+        return _decode_jpeg_op(torch.frombuffer(bytearray(raw), dtype=torch.uint8), _RGB, False)
     except RuntimeError as err:
         raise UndecodableImage("truncated", str(err).splitlines()[-1]) from None
 

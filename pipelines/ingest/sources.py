@@ -59,9 +59,10 @@ class ImageSource:
     `rows_per_unit`: images per read unit, and so per decode task downstream
     (files of a folder tree or path list; consecutive whole parquet row groups,
     added until a unit holds this many rows; either closes early at 256 MiB; a
-    webdataset tar is one unit). Ray
-    pays a fixed cost per task (measured: a 1,000-image 32 px task ran alone,
-    back to back, where 4,000-image ones kept two cores busy: docs/INGEST.md).
+    webdataset tar is one unit). Ray pays a fixed gap per task: on 2 CPUs,
+    1,000-image units ran one decode task at a time, 8,192-image ones kept both
+    busy (docs/INGEST.md). Lower it when a small corpus gives fewer units than
+    there are decode CPUs.
     """
 
     path: str | list[str]
@@ -69,7 +70,7 @@ class ImageSource:
     image_column: str = "image"
     label_column: str | None = None
     s3_endpoint: str | None = None
-    rows_per_unit: int = 4096
+    rows_per_unit: int = 8192
 
     def __post_init__(self) -> None:
         paths = [self.path] if isinstance(self.path, str) else self.path

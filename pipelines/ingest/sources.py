@@ -29,6 +29,7 @@ from functools import lru_cache
 from typing import Any, Literal
 from urllib.parse import urlparse
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -377,10 +378,20 @@ _READERS = {"files": _read_files, "parquet": _read_parquet, "tar": _read_tar}
 
 
 def read_units(batch: dict[str, Any], source: ImageSource) -> Iterator[pa.Table]:
-    """map_batches UDF: each input row is a JSON read unit (plus `epoch`) -> raw rows."""
+    """map_batches UDF: each input row is a JSON read unit (plus `epoch`) -> raw rows.
+
+    A unit with a `row_order_seed` (set by `unit_rows` when shuffling) yields its rows
+    in an order drawn from that seed: with thousands of images per unit, a fixed order
+    would give every epoch the same batches (the same negatives). A tar unit is
+    shuffled within each table it streams (256 rows).
+    """
     for unit_json, epoch in zip(batch["unit"], batch["epoch"], strict=True):
         unit = json.loads(unit_json)
+        order_seed = unit.get("row_order_seed")
+        rng = np.random.default_rng(order_seed) if order_seed is not None else None
         for table in _READERS[unit["kind"]](source, unit):
+            if rng is not None:
+                table = table.take(rng.permutation(table.num_rows))
             yield table.append_column("epoch", pa.array([int(epoch)] * table.num_rows, pa.int64()))
 
 
@@ -390,7 +401,8 @@ def unit_rows(
     """The read plan as a dataset: `epochs` copies of the units, epoch-major.
 
     With `shuffle_seed`, each epoch visits the units in its own order, drawn from
-    (shuffle_seed, epoch); rows keep their keys, so views stay reproducible.
+    (shuffle_seed, epoch), and each unit's rows in an order drawn from (shuffle_seed,
+    epoch, unit); rows keep their keys, so views stay reproducible.
     """
     _, units = plan_units(source)
     items = []
@@ -398,7 +410,11 @@ def unit_rows(
         order = list(range(len(units)))
         if shuffle_seed is not None:
             random.Random(f"{shuffle_seed}:{epoch}").shuffle(order)
-        items.extend({"unit": json.dumps(units[i]), "epoch": epoch} for i in order)
+        for i in order:
+            unit = units[i]
+            if shuffle_seed is not None:  # rows within the unit too, new every epoch
+                unit = {**unit, "row_order_seed": [shuffle_seed, epoch, i]}
+            items.append({"unit": json.dumps(unit), "epoch": epoch})
     return ray.data.from_items(items, override_num_blocks=min(len(items), 1024))
 
 

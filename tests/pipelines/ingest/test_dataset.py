@@ -17,7 +17,7 @@ from pipelines.ingest.dataset import (
     view_dataset,
 )
 from pipelines.ingest.recipes import multicrop, simclr
-from pipelines.ingest.sources import ImageSource, plan_units, read_raw
+from pipelines.ingest.sources import ImageSource, plan_units, read_raw, read_raw_rows
 
 
 def rows_by_key(ds) -> dict[tuple[str, int], dict]:
@@ -159,3 +159,22 @@ def test_decode_batch_rows_keeps_blocks_near_64_mib():
     assert decode_batch_rows(simclr(32)) == 512
     assert decode_batch_rows(simclr(224)) == 64 * 1024 * 1024 // (2 * 3 * 224 * 224)
     assert decode_batch_rows(multicrop(1024, 96, n_local=6)) == 16
+
+
+def test_rows_within_a_unit_get_a_new_order_every_epoch(ray_session, tmp_path):
+    """One big unit would otherwise give every epoch the same batches: its rows come in an
+    order drawn from (seed, epoch, unit), the same for the same seed; unshuffled, in file
+    order."""
+    images = [encode(random_rgb(16, seed=i)) for i in range(64)]
+    path = tmp_path / "one_unit.parquet"
+    pq.write_table(pa.table({"image": images}), path)
+    source = ImageSource(str(path))
+
+    def order(shuffle_seed):
+        rows = read_raw_rows(source, epochs=2, shuffle_seed=shuffle_seed).take_all()
+        return {e: [r["key"] for r in rows if r["epoch"] == e] for e in (0, 1)}
+
+    first, again, plain = order(3), order(3), order(None)
+    assert first == again
+    assert first[0] != first[1] and sorted(first[0]) == sorted(first[1])
+    assert plain[0] == plain[1] == [f"{path}#{i}" for i in range(64)]

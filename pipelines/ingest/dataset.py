@@ -146,9 +146,9 @@ def _views_batch(
 def decode_batch_rows(recipe: ViewRecipe, target_bytes: int = 64 * 1024 * 1024) -> int:
     """Rows per decode call: output blocks of about `target_bytes` of views, 16 to 512 rows.
 
-    Each call is one block through Ray's object store and one counter report: 512
-    rows at 32 px (3 MiB), ~220 at 224 px (two views, 64 MiB), fewer for bigger
-    multi-crop recipes, under Ray Data's 128 MiB target block size.
+    Each call is one counter report and one output batch: 512 rows at 32 px (3 MiB),
+    ~220 at 224 px (two views, 64 MiB), fewer for bigger multi-crop recipes. Ray Data
+    joins a task's outputs into blocks of up to its 128 MiB target block size.
     """
     row_bytes = sum(3 * spec.size * spec.size for spec in recipe.views)
     return max(16, min(512, target_bytes // row_bytes))

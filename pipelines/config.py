@@ -22,6 +22,35 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the field."""
 
 
+def is_uri(path: str) -> bool:
+    """``s3://bucket/key``, ``sqlite:///x.db`` and friends, as opposed to a local path."""
+    return "://" in path
+
+
+def resolve_path(path: str, base_dir: str | Path | None = None) -> str:
+    """A local path made absolute against ``base_dir`` (default: the working directory the
+    command was started from); URIs unchanged. Ray Train workers, Tune trials and Ray jobs
+    all run in other directories, so every path is resolved once, before any of them starts."""
+    if is_uri(path):
+        return path
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    return str((base / Path(path).expanduser()).resolve())
+
+
+def resolve_tracking_uri(uri: str | None, base_dir: str | Path | None = None) -> str | None:
+    """A relative local store (``sqlite:///runs/mlflow.db``, ``file:runs/mlruns``, a bare
+    path) made absolute; servers (``http(s)://``, ``databricks``) unchanged."""
+    if uri is None:
+        return None
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + resolve_path(uri.removeprefix("sqlite:///"), base_dir)
+    if uri.startswith("file:") and not uri.startswith("file:/"):
+        return Path(resolve_path(uri.removeprefix("file:"), base_dir)).as_uri()
+    if ":" not in uri:
+        return Path(resolve_path(uri, base_dir)).as_uri()
+    return uri
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -261,8 +290,31 @@ def validate_config(tree: dict[str, Any]) -> RunConfig:
         raise ConfigError(format_validation_error(error)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read YAML (if given), apply ``key=value`` overrides, validate. Raises ConfigError."""
+def resolve_paths(config: RunConfig, base_dir: str | Path | None = None) -> RunConfig:
+    """A copy of ``config`` whose local paths (sources, checkpoint storage, a local MLflow
+    store) are absolute against ``base_dir`` (default: the working directory). Idempotent."""
+    resolved = config.model_copy(deep=True)
+    for name in ("train", "knn_bank", "knn_query"):
+        source = getattr(resolved.data, name)
+        if source is not None:
+            paths = source.path
+            source.path = (
+                [resolve_path(p, base_dir) for p in paths]
+                if isinstance(paths, list)
+                else resolve_path(paths, base_dir)
+            )
+    resolved.checkpoint.storage_path = resolve_path(resolved.checkpoint.storage_path, base_dir)
+    resolved.tracking.tracking_uri = resolve_tracking_uri(resolved.tracking.tracking_uri, base_dir)
+    return resolved
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base_dir: str | Path | None = None,
+) -> RunConfig:
+    """Read YAML (if given), apply ``key=value`` overrides, validate, and resolve relative
+    paths against ``base_dir`` (default: the working directory). Raises ConfigError."""
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -274,7 +326,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
-    return validate_config(apply_overrides(tree, overrides or []))
+    return resolve_paths(validate_config(apply_overrides(tree, overrides or [])), base_dir)
 
 
 def config_to_yaml(config: RunConfig) -> str:

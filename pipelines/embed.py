@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import ray.data
 
+from pipelines.config import resolve_path
 from pipelines.features import (
     Checkpoint,
     add_backbone_options,
@@ -75,9 +76,7 @@ def embed_corpus(
 
 
 def corpus_source(args: argparse.Namespace) -> ImageSource:
-    paths = [
-        str(Path(p).expanduser().resolve()) if "://" not in p else p for p in args.data.split(",")
-    ]
+    paths = [resolve_path(p) for p in args.data.split(",")]
     return ImageSource(
         paths if len(paths) > 1 else paths[0],
         format=args.format,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipelines.config import resolve_path
 from pipelines.features import (
     Checkpoint,
     add_backbone_options,
@@ -49,7 +50,7 @@ EVALUATED_TAG = "darkmatter.evaluated"
 
 
 def labeled_source(path: str, label_column: str, image_column: str, fmt: str) -> ImageSource:
-    paths = [str(Path(p).expanduser().resolve()) if "://" not in p else p for p in path.split(",")]
+    paths = [resolve_path(p) for p in path.split(",")]
     return ImageSource(
         paths if len(paths) > 1 else paths[0],
         format=fmt,  # type: ignore[arg-type]

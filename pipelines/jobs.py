@@ -30,11 +30,10 @@ from urllib.parse import urlparse
 
 from ray.exceptions import AuthenticationError
 
-from pipelines.config import ConfigError, load_config
+from pipelines.config import ConfigError, RunConfig, is_uri, load_config
 from pipelines.tracking import redact_uri
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Never uploaded: environments, history, caches, local run outputs and stores.
 WORKING_DIR_EXCLUDES = [
     ".venv",
@@ -100,6 +99,22 @@ def relative_to_working_dir(path: str, working_dir: Path) -> str:
         ) from None
 
 
+def paths_outside(config: RunConfig, working_dir: Path) -> list[tuple[str, str]]:
+    """(field, path) of each local data path of ``config`` that the upload does not carry."""
+    fields = {
+        f"data.{name}.path": getattr(config.data, name)
+        for name in ("train", "knn_bank", "knn_query")
+    }
+    outside = []
+    for field, source in fields.items():
+        if source is None:
+            continue
+        for path in source.path if isinstance(source.path, list) else [source.path]:
+            if not is_uri(path) and not Path(path).is_relative_to(working_dir):
+                outside.append((field, path))
+    return outside
+
+
 def job_entrypoint(command: list[str], working_dir: Path) -> tuple[str, str | None]:
     """(shell entrypoint, run name): ``python -m pipelines.cli ...`` with the config path made
     relative to the working directory; a ``pretrain`` config is validated here first."""
@@ -119,11 +134,19 @@ def job_entrypoint(command: list[str], working_dir: Path) -> tuple[str, str | No
     if command[0] == "pretrain":
         config_path, overrides = config_arguments(command)
         try:
-            run_name = load_config(config_path, overrides).name
+            # Resolved as the job will resolve it: against the shipped working directory.
+            config = load_config(config_path, overrides, base_dir=working_dir)
         except ConfigError as error:
             raise SubmitError(
                 f"the pretrain config is invalid, nothing submitted: {error}"
             ) from None
+        run_name = config.name
+        for field, path in paths_outside(config, working_dir):
+            print(
+                f"[darkmatter] note: {field} = {path} is outside the shipped working directory; "
+                "the job reads it at that path on the cluster's nodes",
+                file=sys.stderr,
+            )
         if config_path is not None:
             job_path = relative_to_working_dir(config_path, working_dir)
             command = [
@@ -304,8 +327,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     submit.add_argument(
         "--working-dir",
-        default=str(PROJECT_ROOT),
-        help="directory uploaded as the job's working_dir (default: this project)",
+        default=".",
+        help="directory uploaded as the job's working_dir (default: the current directory, "
+        "normally the repository root); relative paths in the config resolve inside it",
     )
     submit.add_argument(
         "--env",

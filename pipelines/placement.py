@@ -13,12 +13,7 @@ from typing import Any
 
 import ray
 
-from pipelines.config import ConfigError, RunConfig
-
-
-def is_uri(path: str) -> bool:
-    """``s3://bucket/runs`` and friends (pyarrow filesystems), as opposed to a local path."""
-    return "://" in path
+from pipelines.config import ConfigError, RunConfig, is_uri
 
 
 def trainers_fit_on(node: dict[str, Any], config: RunConfig) -> bool:

@@ -21,7 +21,9 @@ from pipelines.config import (
     SourceConfig,
     config_to_yaml,
     flatten,
+    is_uri,
     load_config,
+    resolve_paths,
 )
 from pipelines.ingest.dataset import ingest_counts, labeled_eval_dataset, view_dataset
 from pipelines.ingest.sources import ImageSource, plan_units
@@ -44,16 +46,9 @@ class PretrainResult:
     ingest: dict
 
 
-def absolute(path: str) -> str:
-    """Local paths made absolute (Ray tasks run in other directories); URIs unchanged."""
-    return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
 def image_source(source: SourceConfig) -> ImageSource:
-    fields = source.model_dump()
-    paths = fields["path"]
-    fields["path"] = [absolute(p) for p in paths] if isinstance(paths, list) else absolute(paths)
-    return ImageSource(**fields)
+    """The ingest source of a (path-resolved, see ``resolve_paths``) source config."""
+    return ImageSource(**source.model_dump())
 
 
 def has_checkpoint(storage_path: str, run_name: str) -> bool:
@@ -132,12 +127,13 @@ def run_pretraining(
 ) -> PretrainResult:
     """Run (or resume) one pretraining run; ``parent_run_id`` nests its MLflow run under a
     sweep's, ``trainer_callbacks`` go to the trainer's RunConfig (Tune's report callback)."""
-    storage_path = absolute(config.checkpoint.storage_path)
+    config = resolve_paths(config)  # idempotent: load_config resolved them already
+    storage_path = config.checkpoint.storage_path
     tracking_uri = config.tracking.tracking_uri or default_tracking_uri(
-        storage_path if "://" not in storage_path else "."
+        storage_path if not is_uri(storage_path) else "."
     )
     local_dir = (
-        Path(storage_path if "://" not in storage_path else Path.home() / ".darkmatter" / "runs")
+        Path(storage_path if not is_uri(storage_path) else Path.home() / ".darkmatter" / "runs")
         / config.name
         / "darkmatter"
     )

@@ -15,6 +15,8 @@ from typing import Any
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from pipelines.config import resolve_tracking_uri
+
 RUN_NAME_TAG = "darkmatter.run_name"
 
 # Fail fast on an unreachable server instead of MLflow's default minutes of retries.
@@ -23,10 +25,11 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 def default_tracking_uri(base_dir: str | Path = ".") -> str:
-    """``MLFLOW_TRACKING_URI`` when set, else an absolute sqlite store (Ray workers chdir)."""
+    """``MLFLOW_TRACKING_URI`` when set (a relative local store made absolute), else an
+    absolute sqlite store (Ray workers chdir)."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
-        return env
+        return resolve_tracking_uri(env)
     return f"sqlite:///{Path(base_dir).resolve() / 'mlflow.db'}"
 
 

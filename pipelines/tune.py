@@ -25,8 +25,14 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from pipelines.config import ConfigError, RunConfig, config_to_yaml, validate_config
-from pipelines.pretrain import absolute, connect_ray_for, run_pretraining
+from pipelines.config import (
+    ConfigError,
+    RunConfig,
+    config_to_yaml,
+    resolve_path,
+    validate_config,
+)
+from pipelines.pretrain import connect_ray_for, run_pretraining
 from pipelines.sweep_plots import plot_sweep
 from pipelines.tracking import RUN_NAME_TAG, default_tracking_uri, redact_uri, start_or_resume_run
 from pipelines.tune_space import CollapseThresholds, TuneSpace, load_space, set_dotted
@@ -180,7 +186,7 @@ def run_sweep(
     """Run (or resume) a sweep; returns the trials' outcomes and the best config as YAML."""
     space, base_tree, base = load_space(space_path, overrides)
     sweep = name or f"{Path(space_path).stem}-sweep"
-    storage = absolute(storage_path)
+    storage = resolve_path(storage_path)
     tracking_uri = base.tracking.tracking_uri or default_tracking_uri(storage)
     connect_ray_for(address, base)
 

@@ -21,6 +21,7 @@ from pipelines.config import (
     RunConfig,
     apply_overrides,
     format_validation_error,
+    resolve_paths,
     validate_config,
 )
 
@@ -135,8 +136,10 @@ def load_space(
         raise ConfigError(
             format_validation_error(error).replace("invalid config", f"invalid search space {path}")
         ) from None
-    tree = load_base_tree(space, path, overrides or [])
-    base = validate_config(tree)
+    # Paths resolve here, once, against the directory the command runs from: each trial runs
+    # in a working directory of its own, where a relative path would name nothing.
+    base = resolve_paths(validate_config(load_base_tree(space, path, overrides or [])))
+    tree = base.model_dump(mode="json")
     for key, dist in space.params.items():
         for value in dist.representatives():
             try:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import ConfigError, load_config
+from pipelines.config import ConfigError, load_config, resolve_paths
 
 REPO = Path(__file__).resolve().parents[2]
 MINIMAL = ["data.train.path=data/cifar10-sample/train.parquet", "schedule.steps=10"]
@@ -68,3 +68,38 @@ def test_bad_files_are_refused(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(None, ["train.batch_size"])
+
+
+def test_paths_resolve_once_against_the_directory_the_command_runs_from(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(
+        None,
+        [
+            "data.train.path=[shards/a.parquet, s3://bucket/b.parquet]",
+            "data.knn_bank={path: bank.parquet, label_column: label}",
+            "data.knn_query={path: ../query.parquet, label_column: label}",
+            "checkpoint.storage_path=runs",
+            "tracking.tracking_uri=sqlite:///runs/mlflow.db",
+            "schedule.steps=10",
+        ],
+    )
+    assert config.data.train.path == [str(tmp_path / "shards/a.parquet"), "s3://bucket/b.parquet"]
+    assert config.data.knn_bank.path == str(tmp_path / "bank.parquet")
+    assert config.data.knn_query.path == str(tmp_path.parent / "query.parquet")
+    assert config.checkpoint.storage_path == str(tmp_path / "runs")
+    assert config.tracking.tracking_uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    # A later chdir (a Tune trial, a Ray Train worker) changes nothing: resolving is idempotent.
+    monkeypatch.chdir(tmp_path.parent)
+    assert resolve_paths(config) == config
+    server = load_config(None, [*MINIMAL, "tracking.tracking_uri=http://127.0.0.1:5000"])
+    assert server.tracking.tracking_uri == "http://127.0.0.1:5000"
+
+
+def test_a_tune_space_base_config_resolves_its_relative_paths(monkeypatch):
+    from pipelines.tune_space import load_space
+
+    monkeypatch.chdir(REPO)
+    _, tree, base = load_space("tune_spaces/simclr.yaml")
+    sample = str(REPO / "data" / "cifar10-sample" / "train.parquet")
+    assert base.data.train.path == sample and tree["data"]["train"]["path"] == sample
+    assert tree["checkpoint"]["storage_path"] == str(REPO / "runs")

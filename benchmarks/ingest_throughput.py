@@ -110,7 +110,7 @@ def ray_stamps(
 
     from pipelines.ingest.dataset import view_dataset
     from pipelines.ingest.sources import ImageSource
-    from pipelines.pretrain import quiet_ray_data
+    from pipelines.train.driver import quiet_ray_data
 
     quiet_ray_data()  # as `darkmatter pretrain`: no per-operator progress bars
     ds = view_dataset(

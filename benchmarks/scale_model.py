@@ -6,7 +6,7 @@
 
 Every figure printed carries its origin:
   measured  here, by this script (FLOPs with torch's FlopCounterMode, the checkpoint
-            written by pipelines.checkpointing and its size on disk);
+            written by pipelines.train.checkpointing and its size on disk);
   cited     a published number (the source is printed beside it);
   input     a measurement you pass in (the per-core augmentation throughput comes from
             benchmarks/augment_throughput.py, see docs/SCALING.md);
@@ -31,10 +31,10 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from pipelines.checkpointing import STATE_FILE, Progress, save_checkpoint  # noqa: E402
 from pipelines.config import RunConfig, load_config  # noqa: E402
-from pipelines.optim import build_optimizer, build_schedule  # noqa: E402
-from pipelines.train import build_model  # noqa: E402
+from pipelines.train.checkpointing import STATE_FILE, Progress, save_checkpoint  # noqa: E402
+from pipelines.train.loop import build_model  # noqa: E402
+from pipelines.train.optim import build_optimizer, build_schedule  # noqa: E402
 
 # ResNet-50 v1.5, 224 px, mixed precision, DGX A100 (8x A100 80GB): 16,621 img/s on 8 GPUs.
 GPU_SOURCE = (
@@ -178,7 +178,9 @@ def scale_model(config: RunConfig, args: argparse.Namespace) -> list[Figure]:
             "" if args.bytes_per_image != IMAGENET_BYTES_PER_IMAGE else BYTES_SOURCE,
         ),
         Figure("data read per second", total_img_s * args.bytes_per_image / 1e9, "GB/s", "derived"),
-        Figure("checkpoint size", ckpt_bytes / 1e6, "MB", "measured", "pipelines.checkpointing"),
+        Figure(
+            "checkpoint size", ckpt_bytes / 1e6, "MB", "measured", "pipelines.train.checkpointing"
+        ),
         Figure("checkpoint write bandwidth", args.write_bytes_s / 1e6, "MB/s", "assumed"),
         Figure(
             "failures per node-day",

@@ -34,9 +34,9 @@ from PIL import Image
 from ray.train.torch import TorchTrainer
 
 from pipelines.ingest.dataset import view_dataset
+from pipelines.ingest.photometric import channels_first, photometric
 from pipelines.ingest.recipes import simclr
 from pipelines.ingest.sources import ImageSource
-from pipelines.ingest.views import channels_first, photometric
 from ssl_models.backbones import build_backbone
 from ssl_models.methods import build_method
 

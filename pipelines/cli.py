@@ -9,12 +9,12 @@ import sys
 # Each module defines `register(subparsers)`, which adds its subparser and sets
 # `func(args) -> int` as the handler.
 COMMAND_MODULES: tuple[str, ...] = (
-    "pipelines.inspect",
-    "pipelines.pretrain",
-    "pipelines.jobs",
-    "pipelines.tune",
-    "pipelines.evaluate",
-    "pipelines.embed",
+    "pipelines.ingest.inspect",
+    "pipelines.train.driver",
+    "pipelines.cluster.jobs",
+    "pipelines.tune.sweep",
+    "pipelines.evaluate.probe",
+    "pipelines.evaluate.embed",
 )
 
 

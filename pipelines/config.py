@@ -202,7 +202,7 @@ class CheckpointConfig(Strict):
     # Ray Train storage: a local path, a mounted shared path (NFS), or a URI (s3://...).
     storage_path: str = "runs"
     # A local storage_path that every node mounts at the same place (NFS, Lustre...).
-    # Multi-node runs refuse a local storage_path unless this is set (see pipelines.placement).
+    # Multi-node runs refuse a local storage_path unless this is set (see pipelines.cluster.placement).
     shared_storage: bool = False
     every_steps: int = Field(200, gt=0)
     keep: int = Field(3, gt=0)

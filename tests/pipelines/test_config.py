@@ -96,7 +96,7 @@ def test_paths_resolve_once_against_the_directory_the_command_runs_from(tmp_path
 
 
 def test_a_tune_space_base_config_resolves_its_relative_paths(monkeypatch):
-    from pipelines.tune_space import load_space
+    from pipelines.tune.space import load_space
 
     monkeypatch.chdir(REPO)
     _, tree, base = load_space("tune_spaces/simclr.yaml")

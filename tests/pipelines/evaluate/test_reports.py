@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.reports import (
+from pipelines.evaluate.reports import (
     DPI,
     nearest_neighbours,
     plot_curves,

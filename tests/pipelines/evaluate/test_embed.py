@@ -10,11 +10,16 @@ import pyarrow.parquet as pq
 import torch
 
 from pipelines.cli import main as cli_main
-from pipelines.features import BackboneSpec, build_frozen_backbone, plan_actors, resolve_checkpoint
+from pipelines.evaluate.inference import (
+    BackboneSpec,
+    build_frozen_backbone,
+    plan_actors,
+    resolve_checkpoint,
+)
 from pipelines.ingest.dataset import resize_center_crop
 from pipelines.ingest.decode import decode_pil
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SAMPLE = REPO / "data" / "cifar10-sample"
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pipelines.config import OptimConfig
-from pipelines.optim import LARS, build_optimizer, build_schedule, parameter_groups, scaled_lr
+from pipelines.train.optim import LARS, build_optimizer, build_schedule, parameter_groups, scaled_lr
 
 
 def test_lr_scales_with_global_batch():

@@ -15,6 +15,8 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from pipelines.cluster.placement import check_checkpoint_storage
+from pipelines.cluster.session import connect_ray
 from pipelines.config import (
     ConfigError,
     RunConfig,
@@ -27,11 +29,9 @@ from pipelines.config import (
 )
 from pipelines.ingest.dataset import ingest_counts, labeled_eval_dataset, view_dataset
 from pipelines.ingest.sources import ImageSource, plan_units
-from pipelines.placement import check_checkpoint_storage
-from pipelines.progress import run_with_progress_bar
-from pipelines.ray_session import connect_ray
 from pipelines.tracking import RunTracker, default_tracking_uri, redact_uri, start_or_resume_run
-from pipelines.train import train_loop_per_worker
+from pipelines.train.loop import train_loop_per_worker
+from pipelines.train.progress import run_with_progress_bar
 
 
 @dataclass

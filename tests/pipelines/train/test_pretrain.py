@@ -19,10 +19,10 @@ from torch import nn
 
 from pipelines.cli import main as cli_main
 from pipelines.config import load_config
-from pipelines.pretrain import run_pretraining
 from pipelines.tracking import RUN_NAME_TAG
+from pipelines.train.driver import run_pretraining
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SAMPLE = REPO / "data" / "cifar10-sample"
 
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from pipelines.cli import main
 
-sys.path.insert(0, str(Path(__file__).parent / "ingest"))
+sys.path.insert(0, str(Path(__file__).parent))
 from ingest_files import bad_files  # noqa: E402
 
 

@@ -27,9 +27,9 @@ import ray.data
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipelines.cluster.session import connect_ray
 from pipelines.config import load_config
 from pipelines.ingest.recipes import IMAGENET_MEAN, IMAGENET_STD
-from pipelines.ray_session import connect_ray
 from pipelines.tracking import redact_uri
 from ssl_models.backbones import build_backbone
 

@@ -32,10 +32,10 @@ from pipelines.config import (
     resolve_path,
     validate_config,
 )
-from pipelines.pretrain import connect_ray_for, run_pretraining
-from pipelines.sweep_plots import plot_sweep
 from pipelines.tracking import RUN_NAME_TAG, default_tracking_uri, redact_uri, start_or_resume_run
-from pipelines.tune_space import CollapseThresholds, TuneSpace, load_space, set_dotted
+from pipelines.train.driver import connect_ray_for, run_pretraining
+from pipelines.tune.plots import plot_sweep
+from pipelines.tune.space import CollapseThresholds, TuneSpace, load_space, set_dotted
 
 TRIAL_STATUS_TAG = "darkmatter.trial_status"
 MLFLOW_STATUS = {

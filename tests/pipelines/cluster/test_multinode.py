@@ -28,10 +28,10 @@ from typing import Any
 
 import pytest
 
+from pipelines.cluster.placement import check_storage_for_nodes
 from pipelines.config import ConfigError, RunConfig, load_config
-from pipelines.placement import check_storage_for_nodes
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SAMPLE = REPO / "data" / "cifar10-sample"
 
 
@@ -82,7 +82,7 @@ def two_node_scenario(tmp: Path) -> dict[str, Any]:
     from ray._private import state
     from ray.cluster_utils import Cluster
 
-    from pipelines.pretrain import run_pretraining
+    from pipelines.train.driver import run_pretraining
 
     cluster = Cluster(
         initialize_head=True,

@@ -16,12 +16,12 @@ from PIL import Image
 
 from pipelines.cli import main as cli_main
 from pipelines.config import config_to_yaml, load_config
-from pipelines.evaluate import RESULT_KEYS, split_features
-from pipelines.features import BackboneSpec, build_frozen_backbone, resolve_checkpoint
+from pipelines.evaluate.inference import BackboneSpec, build_frozen_backbone, resolve_checkpoint
+from pipelines.evaluate.probe import RESULT_KEYS, split_features
 from pipelines.ingest.sources import ImageSource
 from ssl_models.backbones import build_backbone
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SAMPLE = REPO / "data" / "cifar10-sample"
 
 

@@ -1,6 +1,6 @@
 """``darkmatter embed``: stream a corpus through a frozen backbone and write parquet.
 
-Rows flow read -> decode -> resize + centre crop -> actor pool (``pipelines.features``)
+Rows flow read -> decode -> resize + centre crop -> actor pool (``pipelines.evaluate.inference``)
 -> parquet files, block by block: the corpus is never held in memory. Rows that fail
 to decode are skipped and counted by reason, as in ingest. Output columns: ``key``
 (the path, ``file.parquet#row``, or ``shard.tar#sample``), ``embedding``
@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from pipelines.config import resolve_path
-from pipelines.features import (
+from pipelines.evaluate.inference import (
     Checkpoint,
     add_backbone_options,
     connect,

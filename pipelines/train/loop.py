@@ -19,14 +19,14 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipelines.checkpointing import Progress, load_checkpoint, report_with_checkpoint
 from pipelines.config import RunConfig
 from pipelines.ingest.dataset import ingest_counts
 from pipelines.ingest.photometric import channels_first, photometric
 from pipelines.ingest.recipes import ViewSpec
-from pipelines.optim import build_optimizer, build_schedule
-from pipelines.progress import post_progress
 from pipelines.tracking import RunTracker
+from pipelines.train.checkpointing import Progress, load_checkpoint, report_with_checkpoint
+from pipelines.train.optim import build_optimizer, build_schedule
+from pipelines.train.progress import post_progress
 from ssl_models.backbones import build_backbone
 from ssl_models.diagnostics import collapse_report
 from ssl_models.methods import Method, build_method
@@ -300,7 +300,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def finish_run(tracker: RunTracker, model: Method, local_dir: str) -> None:
     """Write and log ``backbone.pt`` (loads strictly into the torchvision model) and the curves."""
-    from pipelines.reports import plot_training_curves
+    from pipelines.evaluate.reports import plot_training_curves
 
     out = Path(local_dir)
     backbone_path = out / "backbone.pt"

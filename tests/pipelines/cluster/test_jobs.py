@@ -31,10 +31,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.jobs import SubmitError, check_address, job_entrypoint, job_runtime_env
+from pipelines.cluster.jobs import SubmitError, check_address, job_entrypoint, job_runtime_env
 from pipelines.tracking import RUN_NAME_TAG
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SAMPLE = REPO / "data" / "cifar10-sample"
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")

@@ -20,7 +20,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 from pipelines.config import load_config
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")

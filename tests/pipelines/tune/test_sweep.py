@@ -10,10 +10,10 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.config import ConfigError
 from pipelines.tracking import RUN_NAME_TAG
-from pipelines.tune import TRIAL_STATUS_TAG, run_sweep
-from pipelines.tune_space import load_space
+from pipelines.tune.space import load_space
+from pipelines.tune.sweep import TRIAL_STATUS_TAG, run_sweep
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SAMPLE = REPO / "data" / "cifar10-sample"
 
 

@@ -1,7 +1,7 @@
 """``darkmatter eval``: how good is a pretrained backbone downstream?
 
 Frozen features of a labeled train and test split (Ray Data batch inference, see
-``pipelines.features``), then the standard probes of ``ssl_models.probes``:
+``pipelines.evaluate.inference``), then the standard probes of ``ssl_models.probes``:
 weighted kNN (Wu et al. 2018: cosine, k=200, T=0.1), a linear probe trained to
 convergence, and linear probes on 1% and 10% of the train labels. Results are
 printed as a table, written as JSON (``--json``), logged to MLflow (in the
@@ -22,7 +22,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import resolve_path
-from pipelines.features import (
+from pipelines.evaluate.inference import (
     Checkpoint,
     add_backbone_options,
     connect,
@@ -31,10 +31,7 @@ from pipelines.features import (
     quiet_ray_data,
     resolve_checkpoint,
 )
-from pipelines.ingest.dataset import eval_image_dataset, ingest_counts, resize_center_crop
-from pipelines.ingest.decode import UndecodableImage, decode_pil
-from pipelines.ingest.sources import ImageSource, plan_units, read_raw
-from pipelines.reports import (
+from pipelines.evaluate.reports import (
     mlflow_curve_records,
     nearest_neighbours,
     plot_curves,
@@ -42,6 +39,9 @@ from pipelines.reports import (
     plot_retrieval_grid,
     plot_singular_values,
 )
+from pipelines.ingest.dataset import eval_image_dataset, ingest_counts, resize_center_crop
+from pipelines.ingest.decode import UndecodableImage, decode_pil
+from pipelines.ingest.sources import ImageSource, plan_units, read_raw
 from pipelines.tracking import default_tracking_uri, get_or_create_experiment, redact_uri
 from ssl_models.probes import knn_accuracy, linear_probe, low_label_probe
 

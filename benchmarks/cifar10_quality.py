@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipelines.ingest.photometric import photometric  # noqa: E402
 from pipelines.ingest.recipes import simclr  # noqa: E402
 from ssl_models.backbones import build_backbone  # noqa: E402
-from ssl_models.methods import build_method  # noqa: E402
+from ssl_models.methods import Batch, build_method  # noqa: E402
 from ssl_models.probes import knn_accuracy  # noqa: E402
 
 CIFAR_DIR = Path("/work/shared/data/cifar10")
@@ -164,7 +164,7 @@ def pretrain(
         index = torch.randint(len(train_x), (args.batch_size,), generator=generator)
         views = make_views(train_x[index], spec, generator, args)
         with autocast():
-            output = method(views)
+            output = method(Batch(views))
         optimizer.zero_grad(set_to_none=True)
         output.loss.backward()
         optimizer.step()

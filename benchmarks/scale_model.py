@@ -35,6 +35,7 @@ from pipelines.config import RunConfig, load_config  # noqa: E402
 from pipelines.train.checkpointing import STATE_FILE, Progress, save_checkpoint  # noqa: E402
 from pipelines.train.loop import build_model  # noqa: E402
 from pipelines.train.optim import build_optimizer, build_schedule  # noqa: E402
+from ssl_models.methods import Batch  # noqa: E402
 
 # ResNet-50 v1.5, 224 px, mixed precision, DGX A100 (8x A100 80GB): 16,621 img/s on 8 GPUs.
 GPU_SOURCE = (
@@ -65,7 +66,7 @@ def train_flops_per_image(model: torch.nn.Module, sizes: list[int]) -> float:
     views = [torch.randn(2, 3, s, s) for s in sizes]
     counter = FlopCounterMode(display=False)
     with counter:
-        model(views).loss.backward()
+        model(Batch(views)).loss.backward()
     return counter.get_total_flops() / 2
 
 

@@ -38,7 +38,7 @@ from pipelines.ingest.photometric import channels_first, photometric
 from pipelines.ingest.recipes import simclr
 from pipelines.ingest.sources import ImageSource
 from ssl_models.backbones import build_backbone
-from ssl_models.methods import build_method
+from ssl_models.methods import Batch, build_method
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "cifar10-sample" / "train.parquet"
 WARMUP = 5
@@ -87,7 +87,7 @@ def timed_steps(batches, model, optimizer, args: dict, device: torch.device) -> 
         if device.type == "cuda":
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with autocast:
-            loss = model(views).loss
+            loss = model(Batch(views)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

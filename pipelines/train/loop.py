@@ -28,8 +28,7 @@ from pipelines.train.checkpointing import Progress, load_checkpoint, report_with
 from pipelines.train.optim import build_optimizer, build_schedule
 from pipelines.train.progress import post_progress
 from ssl_models.backbones import build_backbone
-from ssl_models.diagnostics import collapse_report
-from ssl_models.methods import Method, build_method
+from ssl_models.methods import Batch, Method, build_method
 from ssl_models.probes import knn_accuracy
 
 # Metrics each report carries (rank 0's latest values): what Tune schedules and stops on.
@@ -193,7 +192,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
 
             with autocast:
-                output = step_fn(views)
+                output = step_fn(Batch(views))
             loss_is_finite = all_workers_agree(bool(torch.isfinite(output.loss)), device)
             optimizer.zero_grad(set_to_none=True)
             if loss_is_finite:
@@ -257,9 +256,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if is_rank_zero and (
                 progress.step % config.train.diagnostics_every == 0 or progress.step == total_steps
             ):
-                z = output.embeddings[0].float()
-                if z.shape[0] >= 2:
-                    metrics.update(collapse_report(model.pair_energy, *output.encodings, z))
+                if output.embedding.shape[0] >= 2:
+                    metrics.update(model.diagnostics(output))
             end_of_epoch = progress.step % steps_per_epoch == 0 or progress.step == total_steps
             epoch = math.ceil(progress.step / steps_per_epoch)
             if (

@@ -8,7 +8,14 @@ from typing import Any
 from ssl_models.backbones import Backbone
 from ssl_models.checks import check_choice
 from ssl_models.methods.barlow_twins import BarlowTwins
-from ssl_models.methods.base import ANTI_COLLAPSE, Method, StepOutput, ViewEncoding
+from ssl_models.methods.base import (
+    ANTI_COLLAPSE,
+    Batch,
+    JointEmbedding,
+    Method,
+    StepOutput,
+    ViewEncoding,
+)
 from ssl_models.methods.byol import BYOL
 from ssl_models.methods.mocov3 import MoCoV3
 from ssl_models.methods.siamese import SiameseDistance
@@ -41,6 +48,8 @@ def build_method(name: str, backbone: Backbone, **options: Any) -> Method:
 
 __all__ = [
     "ANTI_COLLAPSE",
+    "Batch",
+    "JointEmbedding",
     "METHODS",
     "Method",
     "StepOutput",

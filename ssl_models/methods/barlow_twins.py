@@ -6,10 +6,10 @@ from ssl_models import functional as F_ssl
 from ssl_models.backbones import Backbone
 from ssl_models.distributed import gather_pair
 from ssl_models.heads import mlp
-from ssl_models.methods.base import Method, ViewEncoding
+from ssl_models.methods.base import JointEmbedding, ViewEncoding
 
 
-class BarlowTwins(Method):
+class BarlowTwins(JointEmbedding):
     name = "barlow_twins"
     anti_collapse = "regulariser"
 

@@ -1,15 +1,45 @@
-"""The seam every method plugs into: encode a view, score a pair, combine pairs into a loss."""
+"""The seam every method plugs into, for every family of the energy-based view.
+
+A method receives a ``Batch`` (views plus the extra columns the data pipeline drew with
+them: masks, positions, latents) and returns a ``StepOutput`` (the loss, its named
+terms, the embedding the collapse diagnostics read). Each method says itself how its
+energy gap is measured (``energy_pairs``): the energy of true (x, y) pairs against the
+energy of y taken from another image. Joint-embedding methods share ``JointEmbedding``,
+which pairs views; a masked or predictive method subclasses ``Method`` directly.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ssl_models.backbones import Backbone
+from ssl_models.diagnostics import collapse_report, derange
+
+
+@dataclass
+class Batch:
+    """One step's input. ``views``: normalised (N, 3, H, W) tensors, global views first;
+    ``extras``: the columns drawn with them in the data pipeline (``mask``: (N, T) bool, ...)."""
+
+    views: list[torch.Tensor]
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class StepOutput:
+    """``loss``: scalar to minimise; ``embedding``: (N, D) detached, what the collapse
+    diagnostics read; ``terms``: named detached scalars of the loss, logged as they are;
+    ``state``: whatever the method's ``energy_pairs`` needs (its encodings)."""
+
+    loss: torch.Tensor
+    embedding: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    state: Any = None
 
 
 class ViewEncoding(NamedTuple):
@@ -21,13 +51,6 @@ class ViewEncoding(NamedTuple):
     target: torch.Tensor | None = None
 
 
-@dataclass
-class StepOutput:
-    loss: torch.Tensor
-    embeddings: tuple[torch.Tensor, torch.Tensor]  # views 0 and 1, detached, for diagnostics
-    encodings: tuple[ViewEncoding, ViewEncoding]
-
-
 ANTI_COLLAPSE = ("negatives", "regulariser", "predictor + stop-gradient", "EMA teacher", "none")
 
 
@@ -37,20 +60,44 @@ def cosine_energy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class Method(nn.Module):
-    """A self-supervised method: a backbone, its heads, an energy and an anti-collapse mechanism.
+    """A self-supervised method: a backbone, its heads, an energy and an anti-collapse
+    mechanism. ``recipe`` names the view recipe it trains on (the config's default)."""
+
+    name: ClassVar[str]
+    anti_collapse: ClassVar[str]
+    recipe: ClassVar[str] = "simclr"
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, batch: Batch) -> StepOutput:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def energy_pairs(self, output: StepOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) energies of the true pairs and (N,) of mismatched ones (each x with
+        another image's y): their mean difference is the energy gap, <= 0 at collapse."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def diagnostics(self, output: StepOutput) -> dict[str, float]:
+        """Collapse diagnostics of one step: embedding std, effective rank, energy gap."""
+        true, mismatched = self.energy_pairs(output)
+        return collapse_report(output.embedding.float(), true, mismatched)
+
+    def update_teacher(self, progress: float) -> None:
+        """Called after each optimiser step with the fraction of training done. EMA methods override."""
+
+
+class JointEmbedding(Method):
+    """Two (or more) views of one image, encoded alike and scored as pairs.
 
     Subclasses define ``encode`` (one view -> ViewEncoding), ``pair_loss`` (two encodings
     -> scalar) and ``pair_energy`` (two encodings -> (N,) energies, low = compatible).
     Views beyond the first two (multi-crop's local views) are paired with both global
     views and the pair losses averaged (Caron et al. 2020, sec. 3.3).
     """
-
-    name: ClassVar[str]
-    anti_collapse: ClassVar[str]
-
-    def __init__(self, backbone: Backbone) -> None:
-        super().__init__()
-        self.backbone = backbone
 
     def encode(self, x: torch.Tensor) -> ViewEncoding:
         raise NotImplementedError
@@ -65,14 +112,17 @@ class Method(nn.Module):
         """E(x, y) for a batch of view pairs: (N,), low for compatible pairs."""
         return self.pair_energy(self.encode(x), self.encode(y))
 
-    def forward(self, views: list[torch.Tensor]) -> StepOutput:
+    def forward(self, batch: Batch) -> StepOutput:
+        views = batch.views
         if len(views) < 2:
             raise ValueError(f"{self.name}: needs at least 2 views, got {len(views)}")
         encodings = [self.encode(v) for v in views]
         pairs = [(0, 1)] + [(g, j) for j in range(2, len(views)) for g in (0, 1)]
         loss = torch.stack([self.pair_loss(encodings[i], encodings[j]) for i, j in pairs]).mean()
         a, b = encodings[0], encodings[1]
-        return StepOutput(loss, (a.embedding.detach(), b.embedding.detach()), (a, b))
+        return StepOutput(loss, a.embedding.detach(), state=(a, b))
 
-    def update_teacher(self, progress: float) -> None:
-        """Called after each optimiser step with the fraction of training done. EMA methods override."""
+    @torch.no_grad()
+    def energy_pairs(self, output: StepOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = output.state
+        return self.pair_energy(a, b), self.pair_energy(a, derange(b))

@@ -8,12 +8,13 @@ from ssl_models import functional as F_ssl
 from ssl_models.backbones import Backbone
 from ssl_models.ema import EMATeacher
 from ssl_models.heads import mlp
-from ssl_models.methods.base import Method, ViewEncoding, cosine_energy
+from ssl_models.methods.base import JointEmbedding, ViewEncoding, cosine_energy
 
 
-class BYOL(Method):
+class BYOL(JointEmbedding):
     name = "byol"
     anti_collapse = "EMA teacher"
+    recipe = "byol"  # asymmetric blur and solarisation (Grill et al. 2020, table 6)
 
     def __init__(
         self,

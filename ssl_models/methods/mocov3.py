@@ -9,10 +9,10 @@ from ssl_models.backbones import Backbone
 from ssl_models.distributed import gather_no_grad, rank
 from ssl_models.ema import EMATeacher
 from ssl_models.heads import mlp
-from ssl_models.methods.base import Method, ViewEncoding, cosine_energy
+from ssl_models.methods.base import JointEmbedding, ViewEncoding, cosine_energy
 
 
-class MoCoV3(Method):
+class MoCoV3(JointEmbedding):
     name = "mocov3"
     anti_collapse = "negatives"
 

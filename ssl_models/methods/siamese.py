@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from ssl_models.backbones import Backbone
 from ssl_models.heads import mlp
-from ssl_models.methods.base import Method, ViewEncoding
+from ssl_models.methods.base import JointEmbedding, ViewEncoding
 
 
-class SiameseDistance(Method):
+class SiameseDistance(JointEmbedding):
     name = "siamese"
     anti_collapse = "none"
 

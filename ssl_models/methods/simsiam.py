@@ -5,10 +5,10 @@ from __future__ import annotations
 from ssl_models import functional as F_ssl
 from ssl_models.backbones import Backbone
 from ssl_models.heads import mlp
-from ssl_models.methods.base import Method, ViewEncoding, cosine_energy
+from ssl_models.methods.base import JointEmbedding, ViewEncoding, cosine_energy
 
 
-class SimSiam(Method):
+class SimSiam(JointEmbedding):
     name = "simsiam"
     anti_collapse = "predictor + stop-gradient"
 

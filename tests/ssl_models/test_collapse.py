@@ -36,7 +36,7 @@ from torch import nn
 
 from ssl_models.backbones import Backbone
 from ssl_models.diagnostics import derange, effective_rank, embedding_std, energy_gap
-from ssl_models.methods import Method, build_method
+from ssl_models.methods import Batch, Method, build_method
 
 STEPS = 300
 BATCH = 64
@@ -149,7 +149,7 @@ def pretrain(name: str, train_images: torch.Tensor, held_x, held_y) -> dict[str,
     method.train()
     for _ in range(STEPS):
         batch = train_images[torch.randint(len(train_images), (BATCH,), generator=g)]
-        loss = method([two_view_augment(batch, g), two_view_augment(batch, g)]).loss
+        loss = method(Batch([two_view_augment(batch, g), two_view_augment(batch, g)])).loss
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

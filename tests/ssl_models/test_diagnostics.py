@@ -98,7 +98,7 @@ def test_energy_gap_shuffles_view_encodings_and_plain_tuples():
 
 def test_collapse_report_names_the_three_diagnostics():
     z = gaussian(512, 16)
-    report = collapse_report(squared_distance, z, z + 0.1, z)
+    report = collapse_report(z, squared_distance(z, z + 0.1), squared_distance(z, derange(z)))
     assert set(report) == {"embedding_std", "effective_rank", "energy_gap"}
     assert report["effective_rank"] == pytest.approx(effective_rank(z))
 

@@ -14,6 +14,7 @@ from ssl_models.ema import EMATeacher, cosine_momentum
 from ssl_models.methods import (
     ANTI_COLLAPSE,
     METHODS,
+    Batch,
     Method,
     StepOutput,
     ViewEncoding,
@@ -79,11 +80,10 @@ def test_anti_collapse_names_the_family(name):
 @pytest.mark.parametrize("name", ALL)
 def test_loss_is_a_finite_scalar_that_reaches_the_backbone(name):
     method = small_method(name).train()
-    out = method(views())
+    out = method(Batch(views()))
     assert isinstance(out, StepOutput)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
-    for z in out.embeddings:
-        assert z.shape == (8, PROJ_DIM) and not z.requires_grad
+    assert out.embedding.shape == (8, PROJ_DIM) and not out.embedding.requires_grad
     out.loss.backward()
     for param_name, p in method.backbone.named_parameters():
         assert p.grad is not None, param_name
@@ -124,7 +124,7 @@ def test_ema_teacher_gets_no_gradient(name):
     assert trainable and not any(n.startswith("teacher.") for n in trainable)
     a = method.encode(views()[0])
     assert not a.target.requires_grad
-    method(views()).loss.backward()
+    method(Batch(views())).loss.backward()
     assert all(p.grad is None for p in method.teacher.parameters())
 
 
@@ -148,7 +148,7 @@ def test_update_teacher_moves_by_the_scheduled_momentum(name, progress):
         torch.testing.assert_close(t, s)  # the teacher starts as a copy
     # Take a real optimiser step so the student moves away from the teacher.
     optimiser = torch.optim.SGD(method.parameters(), lr=0.5)
-    method(views()).loss.backward()
+    method(Batch(views())).loss.backward()
     optimiser.step()
     before = [t.clone() for t in method.teacher.module.parameters()]
     moved = [s.detach().clone() for s in student.parameters()]
@@ -205,7 +205,7 @@ def test_multi_crop_pairs_local_views_with_both_global_views(name):
     global_views = views(side=16, count=2, seed=1)
     local_views = views(side=8, count=2, seed=2)
     all_views = global_views + local_views
-    out = method(all_views)
+    out = method(Batch(all_views))
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert all(p.grad is not None for p in method.backbone.parameters())
@@ -222,7 +222,7 @@ def test_multi_crop_pairs_local_views_with_both_global_views(name):
 def test_fewer_than_two_views_is_refused(count):
     method = small_method("simclr")
     with pytest.raises(ValueError, match="simclr: needs at least 2 views"):
-        method(views(count=count))
+        method(Batch(views(count=count)))
 
 
 def test_encoding_is_a_named_tuple_of_embedding_prediction_target():
@@ -250,3 +250,15 @@ def test_options_reach_the_method():
     method = build_method("simclr", tiny_backbone(), temperature=0.5, gather=False, proj_dim=16)
     assert method.temperature == 0.5 and method.gather is False
     assert method.projector[-1].out_features == 16
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_diagnostics_measure_the_gap_the_method_defines(name):
+    method = small_method(name).train()
+    out = method(Batch(views()))
+    report = method.diagnostics(out)
+    assert set(report) == {"embedding_std", "effective_rank", "energy_gap"}
+    a, b = out.state
+    expected = energy_gap(method.pair_energy, a, b)
+    assert report["energy_gap"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+

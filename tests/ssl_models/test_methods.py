@@ -261,4 +261,3 @@ def test_diagnostics_measure_the_gap_the_method_defines(name):
     a, b = out.state
     expected = energy_gap(method.pair_energy, a, b)
     assert report["energy_gap"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
-

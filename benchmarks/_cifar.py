@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import sys
 from pathlib import Path
@@ -9,19 +10,38 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image
 
-CIFAR_DIR = Path("/work/shared/data/cifar10")
+# The full CIFAR-10 as parquet shards (train-*.parquet, test-*.parquet), in a folder beside
+# the repository's own: ../shared/data/cifar10 from its root. `--data` names another one.
+CIFAR_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 
 
-def cifar_train_files() -> list[Path]:
-    files = sorted(CIFAR_DIR.glob("train-*.parquet"))
+def add_data_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=CIFAR_DIR,
+        help=f"folder of CIFAR-10 parquet shards (default: {CIFAR_DIR})",
+    )
+
+
+def cifar_files(pattern: str, data_dir: Path = CIFAR_DIR) -> list[Path]:
+    """The shards of ``data_dir`` matching ``pattern``; exits with a clear message if none."""
+    files = sorted(Path(data_dir).glob(pattern))
     if not files:
-        sys.exit(f"benchmark needs CIFAR-10 as parquet in {CIFAR_DIR} (train-*.parquet); not found")
+        sys.exit(
+            f"benchmark needs CIFAR-10 as parquet in {data_dir} ({pattern}); not found "
+            "(give the folder with --data); nothing measured"
+        )
     return files
 
 
-def cifar_jpegs(n: int) -> list[bytes]:
+def cifar_train_files(data_dir: Path = CIFAR_DIR) -> list[Path]:
+    return cifar_files("train-*.parquet", data_dir)
+
+
+def cifar_jpegs(n: int, data_dir: Path = CIFAR_DIR) -> list[bytes]:
     """The first n training JPEGs (32 x 32), as stored."""
-    table = pq.read_table(cifar_train_files()[0], columns=["image"]).slice(0, n)
+    table = pq.read_table(cifar_train_files(data_dir)[0], columns=["image"]).slice(0, n)
     return table.column("image").to_pylist()
 
 

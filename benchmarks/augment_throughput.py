@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchvision.transforms as T  # noqa: E402
-from _cifar import cifar_jpegs, upscaled_jpegs  # noqa: E402
+from _cifar import add_data_argument, cifar_jpegs, upscaled_jpegs  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 from torchvision.io import decode_jpeg  # noqa: E402
 
@@ -83,10 +83,11 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=0, help="default: 512 at 224, 4096 at 32")
     parser.add_argument("--batch", type=int, default=128, help="photometric batch (views)")
     parser.add_argument("--repeats", type=int, default=3)
+    add_data_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
     n = args.images or (512 if args.size == 224 else 4096)
-    images = cifar_jpegs(n)
+    images = cifar_jpegs(n, args.data)
     if args.size == 224:
         images = upscaled_jpegs(images)
     recipe = simclr(args.size)

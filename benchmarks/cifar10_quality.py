@@ -41,13 +41,13 @@ from torchvision.ops import roi_align
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.ingest.photometric import photometric  # noqa: E402
+from _cifar import add_data_argument, cifar_files  # noqa: E402
+
+from pipelines.ingest.photometric import normalise, photometric  # noqa: E402
 from pipelines.ingest.recipes import simclr  # noqa: E402
 from ssl_models.backbones import build_backbone  # noqa: E402
 from ssl_models.methods import Batch, build_method  # noqa: E402
 from ssl_models.probes import knn_accuracy  # noqa: E402
-
-CIFAR_DIR = Path("/work/shared/data/cifar10")
 
 # Per-method options for a short CPU run: small projectors, published temperatures.
 METHOD_OPTIONS: dict[str, dict] = {
@@ -60,16 +60,12 @@ METHOD_OPTIONS: dict[str, dict] = {
 }
 
 
-def load_split(pattern: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split(
+    data_dir: Path, pattern: str, limit: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """All images of the parquet files matching ``pattern``: uint8 (N, 3, 32, 32), labels (N,)."""
-    files = sorted(CIFAR_DIR.glob(pattern))
-    if not files:
-        sys.exit(
-            f"cifar10_quality: CIFAR-10 not found: no {pattern} in {CIFAR_DIR} "
-            "(expected the parquet files of the full dataset); nothing measured"
-        )
     images, labels = [], []
-    for file in files:
+    for file in cifar_files(pattern, data_dir):
         table = pq.read_table(file, columns=["image", "label"]).to_pydict()
         for data, label in zip(table["image"], table["label"], strict=True):
             images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
@@ -119,20 +115,13 @@ def make_views(
     return [v.contiguous(memory_format=torch.channels_last) for v in views]
 
 
-def normalised(images: torch.Tensor, spec) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float, (x / 255 - mean) / std per channel (the model's input)."""
-    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
-
-
 @torch.no_grad()
 def features(model: torch.nn.Module, images: torch.Tensor, spec, autocast) -> torch.Tensor:
     model.eval()
     out = []
     for batch in images.split(1000):
         with autocast():
-            x = normalised(batch, spec).contiguous(memory_format=torch.channels_last)
+            x = normalise(batch, spec.mean, spec.std).contiguous(memory_format=torch.channels_last)
             out.append(model(x).float())
     return torch.cat(out)
 
@@ -216,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--save-dir", help="write <dir>/<method>/backbone.pt (for darkmatter eval / embed)"
     )
+    add_data_argument(parser)
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHOD_OPTIONS]
@@ -228,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16)
 
     started = time.perf_counter()
-    train_x, train_y = load_split("train-*.parquet", args.train_limit)
-    test_x, test_y = load_split("test-*.parquet", args.test_limit)
+    train_x, train_y = load_split(args.data, "train-*.parquet", args.train_limit)
+    test_x, test_y = load_split(args.data, "test-*.parquet", args.test_limit)
     print(
         f"CIFAR-10: {len(train_x)} train / {len(test_x)} test images decoded in "
         f"{time.perf_counter() - started:.0f} s; {args.threads} threads, "
@@ -242,7 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     # The pixels as the network sees them (per-channel normalised): cosine on raw
     # uint8 pixels, all positive, mostly measures brightness (30.9% measured).
     pixel = knn_accuracy(
-        normalised(train_x, spec).flatten(1), train_y, normalised(test_x, spec).flatten(1), test_y
+        normalise(train_x, spec.mean, spec.std).flatten(1),
+        train_y,
+        normalise(test_x, spec.mean, spec.std).flatten(1),
+        test_y,
     )
     rows.append(("pixels (no model)", pixel, "-"))
     print(f"pixel-space kNN: {100 * pixel:.2f}%", flush=True)

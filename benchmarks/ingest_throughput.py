@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
-from _cifar import cifar_train_files, upscaled_jpegs  # noqa: E402
+from _cifar import add_data_argument, cifar_train_files, upscaled_jpegs  # noqa: E402
 
 from pipelines.ingest.crops import views_from_bytes  # noqa: E402
 from pipelines.ingest.dataset import row_rng  # noqa: E402
@@ -108,9 +108,9 @@ def ray_stamps(
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipelines.cluster.session import quiet_ray_data
     from pipelines.ingest.dataset import view_dataset
     from pipelines.ingest.sources import ImageSource
-    from pipelines.train.driver import quiet_ray_data
 
     quiet_ray_data()  # as `darkmatter pretrain`: no per-operator progress bars
     ds = view_dataset(
@@ -147,10 +147,11 @@ def main() -> int:
         "--prefetch-batches", type=int, default=2, help="iter_torch_batches (the loop's default)"
     )
     parser.add_argument("--skip-dataloader", action="store_true", help="Ray side only")
+    add_data_argument(parser)
     args = parser.parse_args()
     import ray
 
-    table = pq.read_table(cifar_train_files(), columns=["image"]).slice(0, args.images)
+    table = pq.read_table(cifar_train_files(args.data), columns=["image"]).slice(0, args.images)
     images = table.column("image").to_pylist()
     if args.size == 224:
         images = upscaled_jpegs(images)

@@ -8,8 +8,8 @@ the ratio (target <= 1.05) and, on a GPU, peak memory; the last line is JSON.
 
 CPU (the committed sample, 32px, ResNet-18):
     python benchmarks/train_overhead.py
-GPU (the issue's figure: ResNet-50 at 224px, bf16, channels_last, CIFAR JPEGs upscaled
-to 256px; needs /work/shared/data/cifar10 or --images DIR_OF_PARQUET):
+GPU (the issue's figure: ResNet-50 at 224px, bf16, channels_last, the sample's CIFAR
+JPEGs upscaled to 256px):
     python benchmarks/train_overhead.py --device cuda --backbone resnet50 --size 224 \
         --batch-size 256 --steps 50 --bf16
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import tempfile
 import time
@@ -30,7 +29,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.train
 import torch
-from PIL import Image
+from _cifar import upscaled_jpegs
 from ray.train.torch import TorchTrainer
 
 from pipelines.ingest.dataset import view_dataset
@@ -46,14 +45,9 @@ WARMUP = 5
 
 def upscaled_sample(size: int, out_dir: Path) -> Path:
     """The sample's JPEGs resized to ``size`` px (for 224px work), as a parquet file."""
-    table = pq.read_table(SAMPLE, columns=["image"])
-    images = []
-    for data in table.column("image").to_pylist():
-        buffer = io.BytesIO()
-        Image.open(io.BytesIO(data)).convert("RGB").resize(
-            (size, size), Image.Resampling.BICUBIC
-        ).save(buffer, format="JPEG", quality=90)
-        images.append(buffer.getvalue())
+    images = upscaled_jpegs(
+        pq.read_table(SAMPLE, columns=["image"]).column("image").to_pylist(), size
+    )
     path = out_dir / f"sample_{size}px.parquet"
     pq.write_table(pa.table({"image": images}), path)
     return path

@@ -1,21 +1,39 @@
 """The typed run configuration: loaded from YAML, overridden with ``--set key=value``,
 validated once before any work starts, and logged whole to MLflow.
 
-Every default of a run lives here (method options default to each method's own
-signature, so the loss and the recipe cannot disagree).
+Every default of a run lives here: method options are typed and defaulted by each
+method's own signature, and the view recipe defaults to the one the method declares
+(``Method.recipe``), so the loss, the recipe and the config cannot disagree.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
+from pipelines.ingest.masks import MASKS, RandomPatchMask, build_mask_generator
 from pipelines.ingest.recipes import ViewRecipe, recipe_from_dict
 from ssl_models.backbones import BACKBONES
-from ssl_models.methods import METHODS, method_options
+from ssl_models.methods import METHODS, Method, method_options
+
+# The source formats `pipelines.ingest.sources.ImageSource` reads (defined here, where
+# the config can name them without importing Ray).
+SourceFormat = Literal["auto", "folder", "parquet", "webdataset", "paths"]
+# `method.name` when a config names none.
+DEFAULT_METHOD = "simclr"
 
 
 class ConfigError(ValueError):
@@ -59,44 +77,64 @@ class SourceConfig(Strict):
     """Where images come from (see ``pipelines.ingest.sources.ImageSource``)."""
 
     path: str | list[str]
-    format: Literal["auto", "folder", "parquet", "webdataset", "paths"] = "auto"
+    format: SourceFormat = "auto"
     image_column: str = "image"
     label_column: str | None = None
     s3_endpoint: str | None = None
 
 
-class MethodConfig(Strict):
-    name: str = "simclr"
-    options: dict[str, Any] = Field(default_factory=dict)
+class MethodOptions(Strict):
+    """A method's options, one field per parameter of its ``__init__`` after the backbone.
 
-    @model_validator(mode="after")
-    def _known(self) -> MethodConfig:
-        if self.name not in METHODS:
-            raise ValueError(
-                f"unknown method {self.name!r}; accepted: {', '.join(sorted(METHODS))}"
-            )
-        accepted = method_options(self.name)
-        unknown = sorted(set(self.options) - set(accepted))
-        if unknown:
-            raise ValueError(
-                f"method {self.name!r} has no option {', '.join(unknown)}; accepted: {', '.join(accepted)}"
-            )
-        for key, value in self.options.items():
-            default = accepted[key]
-            expected = (
-                (bool,)
-                if isinstance(default, bool)
-                else (int, float)
-                if isinstance(default, float)
-                else (type(default),)
-            )
-            if isinstance(value, bool) != isinstance(default, bool) or not isinstance(
-                value, expected
-            ):
-                raise ValueError(
-                    f"method option {key!r} must be {type(default).__name__}, got {value!r}"
-                )
-        return self
+    A mapping as well, so that ``build_method(name, backbone, **config.method.options)``
+    passes them all."""
+
+    def keys(self) -> list[str]:
+        return list(type(self).model_fields)
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+def options_model(method: type[Method]) -> type[MethodOptions]:
+    """``method``'s options as a model: typed by the hints of its ``__init__``, defaulting
+    to its signature's defaults (so the config and the method cannot disagree)."""
+    hints = get_type_hints(method.__init__)
+    fields: dict[str, Any] = {
+        key: (hints[key], ... if default is inspect.Parameter.empty else default)
+        for key, default in method_options(method.name).items()
+    }
+    return create_model(f"{method.__name__}Options", __base__=MethodOptions, **fields)
+
+
+def method_model(method: type[Method]) -> type[Strict]:
+    """``{name: <method.name>, options: <its options model>}``, one member of ``MethodConfig``."""
+    options = options_model(method)
+    return create_model(
+        f"{method.__name__}Method",
+        __base__=Strict,
+        name=(Literal[method.name], method.name),
+        options=(options, Field(default_factory=options)),
+    )
+
+
+METHOD_CONFIGS: dict[str, type[Strict]] = {
+    name: method_model(cls) for name, cls in sorted(METHODS.items())
+}
+
+
+def _method_name(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("name", DEFAULT_METHOD)
+    return getattr(value, "name", None)
+
+
+# `method`: one model per method, chosen by `method.name` (default DEFAULT_METHOD). The
+# members are built at run time, so the union is Union[tuple] (there is no `|` of a tuple).
+MethodConfig = Annotated[
+    Union[tuple(Annotated[model, Tag(name)] for name, model in METHOD_CONFIGS.items())],  # noqa: UP007
+    Discriminator(_method_name),
+]
 
 
 class BackboneConfig(Strict):
@@ -113,21 +151,45 @@ class BackboneConfig(Strict):
 
 
 class RecipeConfig(Strict):
-    """A view recipe by name, its crop size, and overrides of its published parameters
-    (``pipelines.ingest.recipes.recipe_from_dict``: ViewSpec fields for every view,
-    ``views: {i: {...}}`` for one view, ``local_size``/``n_local`` for multicrop)."""
+    """A view recipe by name (one of ``pipelines.ingest.recipes.RECIPES``; default: the
+    method's own, ``Method.recipe``), its crop size, and overrides of its published
+    parameters (``recipe_from_dict``: ViewSpec fields for every view, ``views: {i: {...}}``
+    for one view, the recipe's own arguments such as multicrop's ``local_size``/``n_local``).
+    ``RunConfig`` fills in the name, so after validation it is always set."""
 
-    name: Literal["simclr", "byol", "multicrop"] = "simclr"
+    name: str | None = None
     size: int = Field(32, gt=0)
     overrides: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _builds(self) -> RecipeConfig:
-        self.build()
+        if self.name is not None:
+            self.build()
         return self
 
     def build(self) -> ViewRecipe:
+        if self.name is None:
+            raise ConfigError("data.recipe.name is not resolved: validate the whole RunConfig")
         return recipe_from_dict(self.name, self.size, self.overrides)
+
+
+class MaskConfig(Strict):
+    """The patch mask drawn with each row's views, for masked methods (one of
+    ``pipelines.ingest.masks.MASKS``): ``ratio`` of the patches hidden, patches of
+    ``patch_size`` px, which must divide ``data.recipe.size`` (4 px: an 8x8 grid at 32 px)."""
+
+    name: str = "random"
+    ratio: float = Field(0.75, gt=0, lt=1)
+    patch_size: int = Field(4, gt=0)
+
+    @model_validator(mode="after")
+    def _known(self) -> MaskConfig:
+        if self.name not in MASKS:
+            raise ValueError(f"unknown mask {self.name!r}; accepted: {', '.join(sorted(MASKS))}")
+        return self
+
+    def build(self, image_size: int) -> RandomPatchMask:
+        return build_mask_generator(self.name, image_size, self.patch_size, self.ratio)
 
 
 class DataConfig(Strict):
@@ -136,12 +198,23 @@ class DataConfig(Strict):
     # counted from listings or metadata (webdataset shards).
     num_images: int | None = Field(None, gt=0)
     recipe: RecipeConfig = Field(default_factory=RecipeConfig)
+    # Rows in each worker's local shuffle buffer (``local_shuffle_buffer_size`` of the loop's
+    # ``iter_torch_batches``; 0 = off): it mixes rows of the blocks that reach a worker.
+    # Folder trees need none (each read task is a random sample of the files); it helps
+    # where a read task holds few classes, i.e. class-sorted parquet row groups or tars.
+    # Measured (docs/SCALING.md, "Shuffle quality"; CIFAR-10 sorted by class, batches of
+    # 128, random sampling = 10 classes): parquet 5.7 classes per batch at 0, 7.3 at 2048,
+    # 9.1 at 8192; tars 3.3, 6.5, 8.8. 2048 rows hold 616 MB of two 224 px views per worker
+    # (8192: 2.4 GB) and cut the consumer's own rate at 224 px from ~14,000 to ~6,000 rows/s,
+    # still ~6x what a GPU takes; raise it for class-sorted shards at small image sizes.
+    shuffle_buffer: int = Field(2048, ge=0)
     # Labeled splits for the online kNN monitor; both or neither.
     knn_bank: SourceConfig | None = None
     knn_query: SourceConfig | None = None
     knn_every_epochs: int = Field(1, ge=1)
     knn_k: int = Field(200, gt=0)
     knn_temperature: float = Field(0.1, gt=0)
+    mask: MaskConfig | None = None
 
     @model_validator(mode="after")
     def _knn_pair(self) -> DataConfig:
@@ -151,6 +224,21 @@ class DataConfig(Strict):
             source = getattr(self, name)
             if source is not None and source.label_column is None:
                 raise ValueError(f"{name}.label_column must be set: the kNN monitor needs labels")
+        return self
+
+    @model_validator(mode="after")
+    def _mask_fits_recipe(self) -> DataConfig:
+        if self.mask is None:
+            return self
+        if self.recipe.size % self.mask.patch_size:
+            raise ValueError(
+                f"mask.patch_size ({self.mask.patch_size}) must divide recipe.size "
+                f"({self.recipe.size})"
+            )
+        try:
+            self.mask.build(self.recipe.size)
+        except ValueError as error:
+            raise ValueError(f"mask: {error}") from None
         return self
 
 
@@ -165,6 +253,14 @@ class OptimConfig(Strict):
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     grad_clip_norm: float | None = Field(None, gt=0)
+
+    def check_warmup(self, total_steps: int) -> None:
+        """Refuse a warmup that lasts the whole run (the cosine would never start)."""
+        if self.warmup_steps >= total_steps:
+            raise ConfigError(
+                f"optim.warmup_steps ({self.warmup_steps}) must be shorter than the run "
+                f"({total_steps} steps)"
+            )
 
 
 class ScheduleConfig(Strict):
@@ -185,6 +281,10 @@ class TrainConfig(Strict):
     num_workers: int = Field(2, gt=0)
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, gt=0)
+    # CPUs counted per run (and per sweep trial) for its Ray Data read and decode stages,
+    # beside its workers': an embedded Ray gets that many more, a sweep runs only as many
+    # trials as fit. With one, concurrent trials' pipelines can starve each other.
+    data_cpus: int = Field(2, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = True
     compile: bool = False
@@ -216,7 +316,7 @@ class TrackingConfig(Strict):
 
 class RunConfig(Strict):
     name: str = Field("pretrain", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
-    method: MethodConfig = Field(default_factory=MethodConfig)
+    method: MethodConfig = Field(default_factory=METHOD_CONFIGS[DEFAULT_METHOD])
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     data: DataConfig
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -237,12 +337,21 @@ class RunConfig(Strict):
                 f"train.batch_size ({self.train.batch_size}) must divide evenly across "
                 f"train.num_workers ({self.train.num_workers})"
             )
-        steps = self.schedule.steps
-        if steps is not None and self.optim.warmup_steps >= steps:
-            raise ValueError(
-                f"optim.warmup_steps ({self.optim.warmup_steps}) must be shorter than "
-                f"schedule.steps ({steps})"
-            )
+        if self.schedule.steps is not None:
+            self.optim.check_warmup(self.schedule.steps)
+        return self
+
+    @model_validator(mode="after")
+    def _method_recipe(self) -> RunConfig:
+        """No recipe named: the method's own (``Method.recipe``)."""
+        recipe = self.data.recipe
+        if recipe.name is None:
+            recipe = recipe.model_copy(update={"name": METHODS[self.method.name].recipe})
+            try:
+                recipe.build()
+            except ValueError as error:
+                raise ValueError(f"data.recipe: {error}") from None
+            self.data.recipe = recipe
         return self
 
     @property
@@ -275,11 +384,19 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def format_validation_error(error: ValidationError) -> str:
     lines = []
     for e in error.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(config)"
+        loc = list(e["loc"])
+        method = None
+        if loc[:1] == ["method"] and len(loc) > 1 and loc[1] in METHOD_CONFIGS:
+            method = loc.pop(1)  # pydantic names the union member: method.simclr.options...
+        field = ".".join(str(p) for p in loc)
         message = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             message = "unknown key"
-        lines.append(f"{field}: {message}" if e["loc"] else message)
+            if method is not None and loc[1:2] == ["options"]:
+                message += f"; {method!r} accepts: {', '.join(method_options(method))}"
+        elif e["type"] == "union_tag_invalid" and loc == ["method"]:
+            message = f"unknown method {e['ctx']['tag']!r}; accepted: {', '.join(METHOD_CONFIGS)}"
+        lines.append(f"{field}: {message}" if loc else message)
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

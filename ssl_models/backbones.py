@@ -4,6 +4,9 @@
 ``nn.Identity()``, so ``backbone.model.state_dict()`` loads with ``strict=True`` into
 ``build_backbone(same name, same options).model`` and, for the standard stem, into the
 plain torchvision constructor with the classifier replaced.
+
+ViTs also give their tokens (``Backbone.tokens``), optionally for a subset of the patches
+(MAE-style patch dropping), for masked and predictive methods.
 """
 
 from __future__ import annotations
@@ -20,20 +23,85 @@ from ssl_models.checks import check_choice
 
 
 class Backbone(nn.Module):
-    """A feature extractor: (N, 3, H, W) images -> (N, feature_dim) features."""
+    """A feature extractor: (N, 3, H, W) images -> (N, feature_dim) features.
+
+    For a ViT, ``patch_size`` (pixels) and ``num_patches`` (T, the patch grid's side
+    squared) say how ``tokens`` cuts an image; both are None for convolutional backbones.
+    """
 
     def __init__(self, name: str, model: nn.Module, feature_dim: int) -> None:
         super().__init__()
         self.name = name
         self.model = model
         self.feature_dim = feature_dim
+        self.patch_size: int | None = None
+        self.num_patches: int | None = None
+        if isinstance(model, VisionTransformer):
+            self.patch_size = model.patch_size
+            self.num_patches = (model.image_size // model.patch_size) ** 2
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def _check_images(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(
                 f"backbone {self.name}: images must have shape (N, 3, H, W), got {tuple(images.shape)}"
             )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self._check_images(images)
         return self.model(images)
+
+    def tokens(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder's output tokens, class token first: (N, 1 + T, D), or (N, 1 + K, D)
+        when ``keep`` (N, K) long indices into the T patches (row-major grid) is given.
+
+        MAE's encoder (He et al. 2022; facebookresearch/mae ``models_mae.py``,
+        ``forward_encoder``): patchify, add the position embeddings, keep only the
+        patches in ``keep`` (the encoder then runs on K + 1 tokens), prepend the class
+        token plus its position embedding, then the encoder layers and the final
+        LayerNorm. Without ``keep`` this is torchvision's ``VisionTransformer`` forward
+        before its head: ``tokens(images)[:, 0] == backbone(images)``. Only the weights
+        of ``model`` are used, so its ``state_dict`` is the same either way.
+        """
+        self._check_images(images)
+        vit = self.model
+        if not isinstance(vit, VisionTransformer):
+            raise ValueError(
+                f"backbone {self.name} has no token interface: use a ViT backbone "
+                f"({', '.join(sorted(VIT_SIZES))})"
+            )
+        encoder = vit.encoder
+        position = encoder.pos_embedding  # (1, 1 + T, D), the class token's first
+        patches = vit._process_input(images) + position[:, 1:]  # (N, T, D)
+        n, num_patches, dim = patches.shape
+        if keep is not None:
+            if keep.ndim != 2 or keep.shape[0] != n or keep.dtype != torch.long:
+                raise ValueError(
+                    f"backbone {self.name}: keep must be (N={n}, K) long indices into the "
+                    f"{num_patches} patches, got {tuple(keep.shape)} {keep.dtype}"
+                )
+            patches = torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, dim))
+        class_token = (vit.class_token + position[:, :1]).expand(n, -1, -1)
+        x = torch.cat([class_token, patches], dim=1)
+        return encoder.ln(encoder.layers(encoder.dropout(x)))
+
+
+def visible_patches(mask: torch.Tensor) -> torch.Tensor:
+    """The indices of the visible patches of each row, in grid order: (N, T) bool mask
+    (True = hidden) -> (N, K) long, the ``keep`` of ``Backbone.tokens``.
+
+    Every row must hide the same number of patches (MAE's random masking does), so that
+    the kept tokens form one (N, K) batch.
+    """
+    if mask.ndim != 2 or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be (N, T) bool, got {tuple(mask.shape)} {mask.dtype}")
+    visible = (~mask).sum(dim=1)
+    if mask.shape[0] and bool((visible != visible[0]).any()):
+        raise ValueError(
+            f"every row of the mask must hide as many patches; visible per row: {visible.tolist()}"
+        )
+    kept = int(visible[0]) if mask.shape[0] else 0
+    # A stable sort puts the visible (False) patches first, each row in grid order.
+    return torch.argsort(mask.to(torch.uint8), dim=1, stable=True)[:, :kept]
 
 
 def _small_resnet_stem(model: models.ResNet) -> None:
@@ -60,9 +128,8 @@ def _resnet18_3stage(small_image_stem: bool) -> tuple[nn.Module, int]:
     an 8x8 map and the last stage runs at 1x1, where 3x3 convolutions mostly multiply
     padding and run far below the CPU's matmul rate; here the small-image stem is a
     3x3 stride-2 convolution without max-pool (16x16 into stage 1) and the 512-wide
-    stage is dropped. Measured on a 2-core CPU (bf16, batch 256, two views): about
-    the step time of ResNet-18 with the ImageNet stem, at 4x its spatial resolution
-    (docs/RESULTS.md).
+    stage is dropped: the step time of ResNet-18 with the ImageNet stem buys 4x its
+    spatial resolution (the figures: docs/RESULTS.md).
     """
     model = models.resnet18(weights=None)
     model.layer4 = nn.Identity()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import ray
+import ray.data
 
 
 def connect_ray(address: str | None = None, min_cpus: int = 0) -> None:
@@ -24,3 +25,10 @@ def connect_ray(address: str | None = None, min_cpus: int = 0) -> None:
         configure_logging=True,
         logging_level="WARNING",
     )
+
+
+def quiet_ray_data() -> None:
+    """No per-operator progress bars or plans from Ray Data: our commands print their own lines."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False

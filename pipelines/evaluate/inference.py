@@ -29,7 +29,9 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.cluster.session import connect_ray
 from pipelines.config import load_config
+from pipelines.ingest.photometric import normalise
 from pipelines.ingest.recipes import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.ingest.sources import FORMATS
 from pipelines.tracking import redact_uri
 from ssl_models.backbones import build_backbone
 
@@ -107,14 +109,13 @@ class BackboneInference:
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, threads))
         self.model = build_frozen_backbone(spec, state_dict).to(self.device)
-        self.mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
+        self.spec = spec
         self.arrow_output = arrow_output
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray] | pa.Table:
         images = torch.tensor(batch["image"], device=self.device)
-        x = (images.float() / 255 - self.mean) / self.std
+        x = normalise(images, self.spec.mean, self.spec.std)
         embedding = self.model(x).float().cpu().numpy()
         out = {k: v for k, v in batch.items() if k != "image"}
         if not self.arrow_output:
@@ -337,16 +338,7 @@ def add_backbone_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--concurrency", type=int, help="inference actors (default: one per GPU, else CPUs - 1)"
     )
-    parser.add_argument(
-        "--format", default="auto", help="source format (auto, folder, parquet, webdataset, paths)"
-    )
+    parser.add_argument("--format", default="auto", choices=FORMATS, help="source format")
     parser.add_argument(
         "--image-column", default="image", help="parquet column / webdataset member of the images"
     )
-
-
-def quiet_ray_data() -> None:
-    """No per-operator progress bars or plans from Ray Data (the command prints its own lines)."""
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipelines.cluster.session import quiet_ray_data
 from pipelines.config import resolve_path
 from pipelines.evaluate.inference import (
     Checkpoint,
@@ -28,7 +29,6 @@ from pipelines.evaluate.inference import (
     connect,
     embed_dataset,
     gather_features,
-    quiet_ray_data,
     resolve_checkpoint,
 )
 from pipelines.evaluate.reports import (

@@ -242,9 +242,9 @@ def views_from_bytes(
     return [out[0].numpy() for out in outs]
 
 
-# Seam for masked / predictive methods (a later issue): called once per decoded row
-# with that row's generator, after the crops; returns extra per-row arrays (e.g.
-# {"mask": bool (H', W')}) that become columns of the batch.
+# Seam for masked / predictive methods (pipelines.ingest.masks): called once per decoded
+# row with that row's generator, after the crops; returns extra per-row arrays (e.g.
+# {"mask": bool (T,)}) that become columns of the batch.
 MaskGenerator = Callable[[np.random.Generator], dict[str, np.ndarray]]
 
 
@@ -292,9 +292,17 @@ def crop_batch(
             for name, array in mask_generator(rng).items():
                 masks.setdefault(name, []).append(array)
         kept.append(i)
+    columns = {name: np.stack(arrays) for name, arrays in masks.items()}
+    if mask_generator is not None and not kept:
+        # Every block must carry the same columns: an empty one takes their shapes and
+        # dtypes from a throwaway draw.
+        columns = {
+            name: np.zeros((0, *array.shape), array.dtype)
+            for name, array in mask_generator(np.random.default_rng(0)).items()
+        }
     return CroppedBatch(
         views=[out[: len(kept)].numpy() for out in outs],
         kept=kept,
         skipped=skipped,
-        masks={name: np.stack(arrays) for name, arrays in masks.items()},
+        masks=columns,
     )

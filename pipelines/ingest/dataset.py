@@ -28,7 +28,7 @@ from PIL import Image
 from pipelines.ingest.crops import MaskGenerator, crop_batch
 from pipelines.ingest.decode import DEFAULT_MAX_PIXELS, UndecodableImage, decode_pil
 from pipelines.ingest.recipes import ViewRecipe
-from pipelines.ingest.sources import ImageSource, read_raw_rows
+from pipelines.ingest.sources import ImageSource, ShuffleScope, read_raw_rows
 
 COUNTER_NAMESPACE = "darkmatter-ingest"
 
@@ -163,7 +163,7 @@ def view_dataset(
     counter: str = "train",
     batch_size: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    shuffle_units: bool = True,
+    shuffle: ShuffleScope | None = "corpus",
     keep_key: bool = False,
     mask_generator: MaskGenerator | None = None,
     max_tasks: int | None = None,
@@ -173,11 +173,14 @@ def view_dataset(
     Columns: `view_i` uint8 (S_i, S_i, 3) for each view of the recipe (channels
     last; `photometric.channels_first` makes a batch of them (N, 3, S, S)), `epoch`
     int64, `label` int64 when `source.label_column` is set (and `key` with
-    `keep_key`, for debugging: strings do not batch into tensors). The read units
-    are visited in a new order every epoch (seeded) unless `shuffle_units=False`.
+    `keep_key`, for debugging: strings do not batch into tensors). Each epoch reads
+    the corpus in a new order drawn from (seed, epoch), each read task taking images
+    from across the corpus (`shuffle="units"`: whole read units in a new order;
+    None: file order; see `sources.epoch_tasks`).
     Decode failures are counted in the `IngestCounter` named `counter` (reset here;
-    use one name per concurrent run). `mask_generator` is the seam for masked
-    methods (unused by the presets). `max_tasks` caps the decode tasks running at
+    use one name per concurrent run). `mask_generator` (`pipelines.ingest.masks`)
+    adds its columns (e.g. `mask` bool (T,)), drawn from each row's generator after
+    its views. `max_tasks` caps the decode tasks running at
     once (default: as many as Ray Data's CPU budget allows). `batch_size`: rows per
     decode call, and so per output block (default `decode_batch_rows(recipe)`). The
     photometric half
@@ -191,7 +194,12 @@ def view_dataset(
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"view_dataset: batch_size={batch_size!r} must be >= 1")
     ingest_counter(counter, reset=True)
-    raw = read_raw_rows(source, epochs=epochs, shuffle_seed=seed if shuffle_units else None)
+    raw = read_raw_rows(
+        source,
+        epochs=epochs,
+        shuffle_seed=None if shuffle is None else seed,
+        scope=shuffle or "corpus",
+    )
     return raw.map_batches(
         _views_batch,
         fn_kwargs=dict(

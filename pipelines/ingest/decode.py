@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 try:
     # torchvision's libjpeg-turbo decoder, as the op its `decode_jpeg` wraps: the wrapper's
     # checks and its deprecation warning (torchvision 0.29 deprecates its codecs for
-    # TorchCodec's) cost ~20 us an image, a third of a 32 px decode.
+    # TorchCodec's) cost a large share of a 32 px decode (docs/INGEST.md).
     from torchvision.io import ImageReadMode
 
     _decode_jpeg_op = torch.ops.image.decode_jpeg
@@ -111,7 +111,7 @@ def plain_jpeg_size(raw: bytes) -> tuple[int, int] | None:
 
     None for anything else (other formats, CMYK or grayscale JPEGs, odd frames,
     a header that does not parse): those take the PIL path, which names what is
-    wrong with a bad file. A few microseconds, against ~30 for PIL's `Image.open`.
+    wrong with a bad file. Far cheaper than PIL's `Image.open` (docs/INGEST.md).
     """
     if raw[:2] != b"\xff\xd8":
         return None
@@ -144,8 +144,8 @@ def plain_jpeg_size(raw: bytes) -> tuple[int, int] | None:
 def decode_plain_jpeg(raw: bytes) -> torch.Tensor:
     """A JPEG that `plain_jpeg_size` accepts -> uint8 (3, H, W), in (H, W, 3) memory.
 
-    torchvision's libjpeg-turbo decoder: ~2-3x PIL's speed on small images, where
-    PIL's per-image set-up dominates. Raises `UndecodableImage` ("truncated", or
+    torchvision's libjpeg-turbo decoder: faster than PIL on small images, where
+    PIL's per-image set-up dominates (docs/INGEST.md). Raises `UndecodableImage` ("truncated", or
     "unsupported" where torchvision has no decoder).
     """
     if _decode_jpeg_op is None:

@@ -17,8 +17,8 @@ CIFAR-10 images in tests/pipelines/ingest/test_photometric.py and docs/INGEST.md
 
 - hue rotates RGB about the gray axis (1, 1, 1), where torchvision shifts the HSV
   hue: the same for gray and for shifts of 1/3 turn, close for small shifts, not
-  the same map. (DALI rotates in YIQ instead; measured against torchvision on
-  CIFAR-10, that is ~1.6x further off than the RGB rotation, so we use the latter.)
+  the same map. (DALI rotates in YIQ instead, which lands further from torchvision
+  on CIFAR-10 than the RGB rotation, so we use the latter.)
 - the clamps to [0, 1] after each jitter op are dropped, only the last is kept:
   a pixel pushed past 1 by brightness 1.8 comes back by a following contrast 0.2
   instead of staying saturated.
@@ -30,6 +30,7 @@ solarize threshold and inversion are mapped into normalised units. Both are exac
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -60,9 +61,6 @@ class PhotometricParams:
 
     def to(self, device: torch.device) -> PhotometricParams:
         return PhotometricParams(**{k: v.to(device) for k, v in vars(self).items()})
-
-    def rows(self, start: int, stop: int) -> PhotometricParams:
-        return PhotometricParams(**{k: v[start:stop] for k, v in vars(self).items()})
 
 
 def sample_photometric_params(
@@ -203,14 +201,26 @@ def solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
 def _solarize_normalised(z: torch.Tensor, threshold: float, spec: ViewSpec) -> torch.Tensor:
     """`solarize` on z = (x - mean) / std: x >= t <=> z >= (t - mean) / std, and
     1 - x = ((1 - mean) - mean) / std - z in those units."""
-    mean, std = _channel_constants(spec, z)
+    mean, std = _channel_constants(spec.mean, spec.std, z.device)
     return torch.where(z >= (threshold - mean) / std, (1 - 2 * mean) / std - z, z)
 
 
-def _channel_constants(spec: ViewSpec, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(spec.mean, device=like.device, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=like.device, dtype=torch.float32).view(1, 3, 1, 1)
-    return mean, std
+def _channel_constants(
+    mean: Sequence[float], std: Sequence[float], device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std as float32 (1, 3, 1, 1) tensors on ``device``."""
+    mean_t, std_t = (
+        torch.tensor(v, device=device, dtype=torch.float32).view(1, 3, 1, 1) for v in (mean, std)
+    )
+    return mean_t, std_t
+
+
+def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float32 (N, 3, H, W), (x / 255 - mean) / std per channel: the
+    model's input without augmentation (evaluation, inference). `apply_photometric` folds
+    the same map into its colour affine."""
+    mean_t, std_t = _channel_constants(mean, std, images.device)
+    return (images.float() / 255 - mean_t) / std_t
 
 
 def _apply_where(x: torch.Tensor, mask: torch.Tensor, op) -> None:
@@ -245,7 +255,8 @@ def apply_photometric(
     channels_last: `channels_first(batch["view_0"])`); the output is contiguous.
     `out`: an optional float32 (N, 3, S, S) tensor to write into (and return). A
     training loop on the CPU passes last step's views back: a fresh 224 px batch is
-    tens of MB that glibc maps anew each time, and this VM charges ~3.5 us per page.
+    tens of MB that glibc maps anew each time, paid in page faults (what a fault costs
+    on our VM: docs/INGEST.md, "Measured facts behind the code").
     """
     if views.dtype != torch.uint8 or views.ndim != 4 or views.shape[1] != 3:
         raise ValueError(
@@ -278,9 +289,9 @@ def apply_photometric(
     means = out.mean(dim=2) / 255.0
     a, t = colour_affine(params, means)
     # Fold the [0, 255] -> [0, 1] scaling and the normalisation into (a, t) and the clamp.
-    # Per-channel scalar clamp bounds (broadcast tensor bounds run ~4x slower), computed
+    # Per-channel scalar clamp bounds (broadcast tensor bounds are slower, docs/INGEST.md), computed
     # on the CPU in float32 so that a GPU batch needs no sync for them.
-    mean_cpu, std_cpu = (c.view(3) for c in _channel_constants(spec, torch.empty(0)))
+    mean_cpu, std_cpu = (c.view(3) for c in _channel_constants(spec.mean, spec.std, "cpu"))
     bounds = list(
         zip((-mean_cpu / std_cpu).tolist(), ((1 - mean_cpu) / std_cpu).tolist(), strict=True)
     )

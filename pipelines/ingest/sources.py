@@ -1,9 +1,10 @@
 """Where images come from: a typed `ImageSource` and `read_raw`, its bytes as a Ray Dataset.
 
 The driver only *plans*: it lists files (and parquet footers) and cuts the corpus
-into small read units (a chunk of files, one parquet row group, one tar shard).
-Ray tasks read the units and emit rows `bytes` (binary; null when the file could
-not be read), `key` (str: the path, `path#row` for parquet, `tar#sample` for
+into small read units (a chunk of files, one parquet row group, one tar shard);
+when shuffling, each epoch's read tasks are drawn from across the corpus
+(`epoch_tasks`). Ray tasks read them and emit rows `bytes` (binary; null when the
+file could not be read), `key` (str: the path, `path#row` for parquet, `tar#sample` for
 webdataset; stable across runs) and `label` (int64, when `label_column` is set).
 Nothing is decoded here, so no file can fail a block (see `decode.py`).
 
@@ -26,7 +27,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import urlparse
 
 import numpy as np
@@ -35,8 +36,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-Format = Literal["auto", "folder", "parquet", "webdataset", "paths"]
-FORMATS: tuple[str, ...] = ("auto", "folder", "parquet", "webdataset", "paths")
+from pipelines.config import SourceFormat
+
+FORMATS: tuple[str, ...] = get_args(SourceFormat)
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
 # `label_column` value for folder trees and path lists: the parent directory names,
 # sorted, give the class indices (torchvision ImageFolder's convention).
@@ -45,6 +47,11 @@ _WEBDATASET_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # A read unit closes at this many (uncompressed parquet, or file) bytes below rows_per_unit.
 _UNIT_BYTES = 256 * 1024 * 1024
 _READ_THREADS = 16  # files of a folder unit read at once
+# A corpus-shuffled read task streams up to this many tars at once, interleaving them.
+_TARS_PER_TASK = 4
+# How an epoch's read tasks are drawn when shuffling (see `epoch_tasks`).
+ShuffleScope = Literal["corpus", "units"]
+SHUFFLE_SCOPES: tuple[str, ...] = get_args(ShuffleScope)
 
 
 @dataclass(frozen=True)
@@ -57,17 +64,16 @@ class ImageSource:
     `label_column`: a parquet column, a webdataset member extension (an integer in
     text, e.g. "cls"), or "folder" for folder trees / path lists (class index of
     the parent directory name, sorted).
-    `rows_per_unit`: images per read unit, and so per decode task downstream
+    `rows_per_unit`: images per read unit or task, and so per decode task downstream
     (files of a folder tree or path list; consecutive whole parquet row groups,
     added until a unit holds this many rows; either closes early at 256 MiB; a
-    webdataset tar is one unit). Ray pays a fixed gap per task: on 2 CPUs,
-    1,000-image units ran one decode task at a time, 8,192-image ones kept both
-    busy (docs/INGEST.md). Lower it when a small corpus gives fewer units than
-    there are decode CPUs.
+    webdataset tar is one unit). Ray pays a fixed gap per task, so small units
+    leave decode CPUs idle (the figures: docs/INGEST.md). Lower it when a small
+    corpus gives fewer units than there are decode CPUs.
     """
 
     path: str | list[str]
-    format: Format = "auto"
+    format: SourceFormat = "auto"
     image_column: str = "image"
     label_column: str | None = None
     s3_endpoint: str | None = None
@@ -223,7 +229,12 @@ def _folder_units(
     for end, path in enumerate(files, start=1):
         size += sizes.get(path) or 0
         if end - start >= source.rows_per_unit or size >= _UNIT_BYTES or end == len(files):
-            unit: dict[str, Any] = {"kind": "files", "files": files[start:end], "rows": end - start}
+            unit: dict[str, Any] = {
+                "kind": "files",
+                "files": files[start:end],
+                "rows": end - start,
+                "bytes": size,
+            }
             if labels is not None:
                 unit["labels"] = labels[start:end]
             units.append(unit)
@@ -249,13 +260,13 @@ def _parquet_units(source: ImageSource, files: list[str]) -> list[dict[str, Any]
                 )
         # Consecutive row groups of a file make one unit of >= rows_per_unit rows (or
         # _UNIT_BYTES uncompressed): each unit is one decode task downstream.
-        offset, groups, rows, size = 0, [], 0, 0
+        offset, groups, group_rows, group_bytes = 0, [], [], []
         for group in range(meta.num_row_groups):
             groups.append(group)
-            rows += meta.row_group(group).num_rows
-            size += meta.row_group(group).total_byte_size
-            last = group == meta.num_row_groups - 1
-            if rows >= source.rows_per_unit or size >= _UNIT_BYTES or last:
+            group_rows.append(meta.row_group(group).num_rows)
+            group_bytes.append(meta.row_group(group).total_byte_size)
+            rows, last = sum(group_rows), group == meta.num_row_groups - 1
+            if rows >= source.rows_per_unit or sum(group_bytes) >= _UNIT_BYTES or last:
                 units.append(
                     {
                         "kind": "parquet",
@@ -263,9 +274,11 @@ def _parquet_units(source: ImageSource, files: list[str]) -> list[dict[str, Any]
                         "row_groups": groups,
                         "offset": offset,
                         "rows": rows,
+                        "group_rows": group_rows,
+                        "group_bytes": group_bytes,
                     }
                 )
-                offset, groups, rows, size = offset + rows, [], 0, 0
+                offset, groups, group_rows, group_bytes = offset + rows, [], [], []
     return units
 
 
@@ -277,6 +290,111 @@ def plan_units(source: ImageSource) -> tuple[str, list[dict[str, Any]]]:
     if fmt == "parquet":
         return fmt, _parquet_units(source, files)
     return fmt, [{"kind": "tar", "file": f, "rows": None} for f in files]
+
+
+def _group_pieces(unit: dict[str, Any]) -> list[list[Any]]:
+    """A parquet unit's row groups as pieces `[file, group, first row's index, rows]`."""
+    starts = np.cumsum([unit["offset"], *unit["group_rows"][:-1]])
+    return [
+        [unit["file"], group, int(start), rows]
+        for group, start, rows in zip(unit["row_groups"], starts, unit["group_rows"], strict=True)
+    ]
+
+
+def _mixed_tasks(
+    units: list[dict[str, Any]], rows_per_unit: int, rng: np.random.Generator
+) -> list[dict[str, Any]]:
+    """One epoch's read tasks, each drawn from across the whole corpus (see `epoch_tasks`)."""
+    kind = units[0]["kind"]
+    if kind == "files":
+        files = np.array([f for unit in units for f in unit["files"]], dtype=object)
+        labels = (
+            np.concatenate([unit["labels"] for unit in units]) if "labels" in units[0] else None
+        )
+        mean_bytes = sum(unit.get("bytes", 0) for unit in units) / len(files)
+        per_task = rows_per_unit
+        if mean_bytes:  # path lists have no sizes
+            per_task = min(per_task, max(1, int(_UNIT_BYTES // mean_bytes)))
+        tasks = []
+        # Equal random samples of the files; sorted inside a task (reading order only:
+        # the rows leave in an order drawn from the task's `row_order_seed`).
+        for chunk in np.array_split(rng.permutation(len(files)), -(-len(files) // per_task)):
+            chunk = np.sort(chunk)
+            task: dict[str, Any] = {
+                "kind": "files",
+                "files": files[chunk].tolist(),
+                "rows": len(chunk),
+            }
+            if labels is not None:
+                task["labels"] = labels[chunk].tolist()
+            tasks.append(task)
+        return tasks
+    if kind == "parquet":
+        # Row groups are the smallest piece a parquet file reads well: a task takes whole
+        # ones from anywhere in the corpus, until it holds rows_per_unit rows or _UNIT_BYTES.
+        pieces = [
+            (piece, size)
+            for unit in units
+            for piece, size in zip(_group_pieces(unit), unit["group_bytes"], strict=True)
+        ]
+        tasks, taken, rows, size = [], [], 0, 0
+        for i in rng.permutation(len(pieces)):
+            piece, piece_bytes = pieces[i]
+            taken.append(piece)
+            rows, size = rows + piece[3], size + piece_bytes
+            if rows >= rows_per_unit or size >= _UNIT_BYTES:
+                tasks.append({"kind": "row_groups", "pieces": sorted(taken), "rows": rows})
+                taken, rows, size = [], 0, 0
+        if taken:
+            tasks.append({"kind": "row_groups", "pieces": sorted(taken), "rows": rows})
+        return tasks
+    # Tars stream: a task interleaves a few of them; at least ~8 tasks an epoch.
+    tars = [units[i]["file"] for i in rng.permutation(len(units))]
+    per_task = max(1, min(_TARS_PER_TASK, len(tars) // 8))
+    return [
+        {"kind": "tars", "files": tars[i : i + per_task], "rows": None}
+        for i in range(0, len(tars), per_task)
+    ]
+
+
+def epoch_tasks(
+    units: list[dict[str, Any]],
+    rows_per_unit: int,
+    *,
+    epoch: int,
+    shuffle_seed: int | None,
+    scope: ShuffleScope = "corpus",
+) -> list[dict[str, Any]]:
+    """The read tasks of one epoch, in the order they are read; every image once.
+
+    Unshuffled (`shuffle_seed=None`): the units in file order. Shuffled, each task
+    carries a `row_order_seed` (shuffle_seed, epoch, task) for the order of its rows,
+    and `scope` says where a task's rows come from:
+      - "corpus" (default): from anywhere in the corpus. Folder trees and path lists:
+        each task is a random sample of the files (as many as a unit: rows_per_unit,
+        or ~_UNIT_BYTES at the corpus' mean file size); parquet: whole row groups
+        from across all files; webdataset: up to _TARS_PER_TASK tars, interleaved.
+        A class-per-folder tree listed in sorted order otherwise gives batches of one
+        or two classes (docs/SCALING.md, "Shuffle quality").
+      - "units": the units (consecutive files, row groups or one tar) in a new order.
+    The plan is drawn from (shuffle_seed, epoch) alone: the same on every run.
+    """
+    if scope not in SHUFFLE_SCOPES:
+        raise ValueError(f"epoch_tasks: scope={scope!r}: expected one of {SHUFFLE_SCOPES}")
+    if shuffle_seed is None:
+        return list(units)
+    if scope == "corpus":
+        tasks = _mixed_tasks(units, rows_per_unit, np.random.default_rng([shuffle_seed, epoch]))
+    else:
+        order = list(range(len(units)))
+        random.Random(f"{shuffle_seed}:{epoch}").shuffle(order)
+        tasks = [units[i] for i in order]
+    # The units scope keeps seeding a unit's rows by its index in the plan.
+    indices = range(len(tasks)) if scope == "corpus" else order
+    return [
+        {**task, "row_order_seed": [shuffle_seed, epoch, i]}
+        for task, i in zip(tasks, indices, strict=True)
+    ]
 
 
 # --- reading (Ray tasks) ---------------------------------------------------------
@@ -309,15 +427,35 @@ def _read_files(source: ImageSource, unit: dict[str, Any]) -> Iterator[pa.Table]
     yield _table(data, [_key(f, source) for f in files], unit.get("labels"))
 
 
-def _read_parquet(source: ImageSource, unit: dict[str, Any]) -> Iterator[pa.Table]:
+def _read_pieces(source: ImageSource, pieces: list[list[Any]]) -> Iterator[pa.Table]:
+    """Parquet row groups `[file, group, first row's index, rows]`, each file opened once
+    (files read by a few threads, as `_read_files`)."""
     fs = filesystem(source)
     columns = [source.image_column] + ([source.label_column] if source.label_column else [])
-    with fs.open_input_file(unit["file"]) as handle:
-        table = pq.ParquetFile(handle).read_row_groups(unit["row_groups"], columns=columns)
-    key = _key(unit["file"], source)
-    keys = [f"{key}#{unit['offset'] + i}" for i in range(table.num_rows)]
-    labels = table.column(source.label_column).to_pylist() if source.label_column else None
-    yield _table(table.column(source.image_column).to_pylist(), keys, labels)
+    by_file: dict[str, list[list[Any]]] = {}
+    for piece in pieces:
+        by_file.setdefault(piece[0], []).append(piece)
+
+    def read(path: str) -> pa.Table:
+        groups = by_file[path]
+        with fs.open_input_file(path) as handle:
+            table = pq.ParquetFile(handle).read_row_groups([g[1] for g in groups], columns=columns)
+        key = _key(path, source)
+        keys = [f"{key}#{start + i}" for _, _, start, rows in groups for i in range(rows)]
+        labels = table.column(source.label_column).to_pylist() if source.label_column else None
+        return _table(table.column(source.image_column).to_pylist(), keys, labels)
+
+    with ThreadPoolExecutor(max_workers=min(_READ_THREADS, len(by_file))) as pool:
+        tables = list(pool.map(read, by_file))
+    yield pa.concat_tables(tables)
+
+
+def _read_parquet(source: ImageSource, unit: dict[str, Any]) -> Iterator[pa.Table]:
+    return _read_pieces(source, _group_pieces(unit))
+
+
+def _read_row_groups(source: ImageSource, task: dict[str, Any]) -> Iterator[pa.Table]:
+    return _read_pieces(source, task["pieces"])
 
 
 def _webdataset_samples(stream: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -374,16 +512,38 @@ def _read_tar(source: ImageSource, unit: dict[str, Any], rows: int = 256) -> Ite
         yield flush()
 
 
-_READERS = {"files": _read_files, "parquet": _read_parquet, "tar": _read_tar}
+def _read_tars(source: ImageSource, task: dict[str, Any]) -> Iterator[pa.Table]:
+    """Several tars streamed at once: each table joins the next table of every tar still
+    open (`read_units` then shuffles it), so a task holds a few tables at a time."""
+    streams = [_read_tar(source, {"file": path}) for path in task["files"]]
+    while streams:
+        tables = []
+        for stream in list(streams):
+            table = next(stream, None)
+            if table is None:
+                streams.remove(stream)
+            else:
+                tables.append(table)
+        if tables:
+            yield pa.concat_tables(tables)
+
+
+_READERS = {
+    "files": _read_files,
+    "parquet": _read_parquet,
+    "tar": _read_tar,
+    "row_groups": _read_row_groups,
+    "tars": _read_tars,
+}
 
 
 def read_units(batch: dict[str, Any], source: ImageSource) -> Iterator[pa.Table]:
-    """map_batches UDF: each input row is a JSON read unit (plus `epoch`) -> raw rows.
+    """map_batches UDF: each input row is a JSON read task (plus `epoch`) -> raw rows.
 
-    A unit with a `row_order_seed` (set by `unit_rows` when shuffling) yields its rows
-    in an order drawn from that seed: with thousands of images per unit, a fixed order
-    would give every epoch the same batches (the same negatives). A tar unit is
-    shuffled within each table it streams (256 rows).
+    A task with a `row_order_seed` (set by `epoch_tasks` when shuffling) yields its rows
+    in an order drawn from that seed: with thousands of images per task, a fixed order
+    would give every epoch the same batches (the same negatives). Tars are shuffled
+    within each table they stream (256 rows per tar).
     """
     for unit_json, epoch in zip(batch["unit"], batch["epoch"], strict=True):
         unit = json.loads(unit_json)
@@ -396,25 +556,26 @@ def read_units(batch: dict[str, Any], source: ImageSource) -> Iterator[pa.Table]
 
 
 def unit_rows(
-    source: ImageSource, *, epochs: int = 1, shuffle_seed: int | None = None
+    source: ImageSource,
+    *,
+    epochs: int = 1,
+    shuffle_seed: int | None = None,
+    scope: ShuffleScope = "corpus",
 ) -> ray.data.Dataset:
-    """The read plan as a dataset: `epochs` copies of the units, epoch-major.
+    """The read plan as a dataset: each epoch's read tasks (`epoch_tasks`), epoch-major.
 
-    With `shuffle_seed`, each epoch visits the units in its own order, drawn from
-    (shuffle_seed, epoch), and each unit's rows in an order drawn from (shuffle_seed,
-    epoch, unit); rows keep their keys, so views stay reproducible.
+    With `shuffle_seed`, each epoch draws its own tasks from (shuffle_seed, epoch) and
+    each task's row order from (shuffle_seed, epoch, task); rows keep their keys, so
+    views stay reproducible.
     """
     _, units = plan_units(source)
-    items = []
-    for epoch in range(epochs):
-        order = list(range(len(units)))
-        if shuffle_seed is not None:
-            random.Random(f"{shuffle_seed}:{epoch}").shuffle(order)
-        for i in order:
-            unit = units[i]
-            if shuffle_seed is not None:  # rows within the unit too, new every epoch
-                unit = {**unit, "row_order_seed": [shuffle_seed, epoch, i]}
-            items.append({"unit": json.dumps(unit), "epoch": epoch})
+    items = [
+        {"unit": json.dumps(task), "epoch": epoch}
+        for epoch in range(epochs)
+        for task in epoch_tasks(
+            units, source.rows_per_unit, epoch=epoch, shuffle_seed=shuffle_seed, scope=scope
+        )
+    ]
     return ray.data.from_items(items, override_num_blocks=min(len(items), 1024))
 
 
@@ -426,19 +587,24 @@ def read_concurrency() -> int:
 
 
 def read_raw_rows(
-    source: ImageSource, *, epochs: int = 1, shuffle_seed: int | None = None
+    source: ImageSource,
+    *,
+    epochs: int = 1,
+    shuffle_seed: int | None = None,
+    scope: ShuffleScope = "corpus",
 ) -> ray.data.Dataset:
-    """`read_raw` plus an int64 `epoch` column, the corpus repeated `epochs` times.
+    """`read_raw` plus an int64 `epoch` column, the corpus repeated `epochs` times (in an
+    order drawn from `shuffle_seed` and `scope`: `epoch_tasks`; file order without one).
 
     The read asks for a twentieth of a CPU (`read_concurrency` tasks at once): reading is
     mostly waiting on storage, and half a CPU kept a second decode task from
-    starting on 2 CPUs (measured: ~8,000 vs ~7,300 img/s, docs/INGEST.md). The
-    differing resources keep Ray Data from fusing it with the decode map that
-    follows: fused, the decode map's `batch_size` (rows) bundled that many *read
-    units* into one task (measured: every batch of a 10,000-image run arrived at
-    the end). Unfused, each read unit is one decode task.
+    starting on 2 CPUs. The differing resources keep Ray Data from fusing it with
+    the decode map that follows: fused, the decode map's `batch_size` (rows)
+    bundled that many *read units* into one task, and batches arrived only at the
+    end of the run. Unfused, each read unit is one decode task. (Both measured:
+    docs/INGEST.md, "Measured facts behind the code".)
     """
-    units = unit_rows(source, epochs=epochs, shuffle_seed=shuffle_seed)
+    units = unit_rows(source, epochs=epochs, shuffle_seed=shuffle_seed, scope=scope)
     return units.map_batches(
         read_units,
         fn_kwargs={"source": source},

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import ray.train
@@ -22,7 +24,13 @@ class Progress:
     images_seen: int = 0
     mlflow_run_id: str = ""
     last_knn_top1: float = -1.0
-    extra: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_state(cls, state: dict) -> Progress:
+        """From a checkpoint's ``progress`` entry; keys this version no longer has (``extra``,
+        in checkpoints written before it was removed) are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in state.items() if key in known})
 
 
 def save_checkpoint(
@@ -51,6 +59,7 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
 ) -> Progress:
+    """Restore what ``save_checkpoint`` wrote into the given objects; returns its Progress."""
     with checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
@@ -59,23 +68,22 @@ def load_checkpoint(
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return Progress(**state["progress"])
+    return Progress.from_state(state["progress"])
 
 
-def report_with_checkpoint(
-    metrics: dict[str, float],
-    is_rank_zero: bool,
+@contextmanager
+def temporary_checkpoint(
     save: bool,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
     progress: Progress,
-) -> None:
-    """``ray.train.report`` is a barrier: every worker calls it; rank 0 alone writes the
-    checkpoint, when ``save``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if is_rank_zero and save:
-            save_checkpoint(Path(tmp), model, optimizer, schedule, progress)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+) -> Iterator[ray.train.Checkpoint | None]:
+    """A checkpoint of the training state in a temporary directory that lives as long as the
+    ``with`` block (``ray.train.report`` copies it to storage), or None when not ``save``."""
+    if not save:
+        yield None
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        save_checkpoint(Path(directory), model, optimizer, schedule, progress)
+        yield ray.train.Checkpoint.from_directory(directory)

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pyarrow.fs
 import ray
-import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
 from pipelines.cluster.placement import check_checkpoint_storage
-from pipelines.cluster.session import connect_ray
+from pipelines.cluster.session import connect_ray, quiet_ray_data
 from pipelines.config import (
     ConfigError,
     RunConfig,
@@ -30,8 +29,12 @@ from pipelines.config import (
 from pipelines.ingest.dataset import ingest_counts, labeled_eval_dataset, view_dataset
 from pipelines.ingest.sources import ImageSource, plan_units
 from pipelines.tracking import RunTracker, default_tracking_uri, redact_uri, start_or_resume_run
-from pipelines.train.loop import train_loop_per_worker
+from pipelines.train.loop import LoopConfig, train_loop_per_worker
 from pipelines.train.progress import run_with_progress_bar
+
+# Where a run's local files go (config, curves, backbone.pt) when its checkpoints go to
+# remote storage (s3://...): under this folder, by run name.
+LOCAL_RUNS_DIR = Path.home() / ".darkmatter" / "runs"
 
 
 @dataclass
@@ -59,9 +62,14 @@ def has_checkpoint(storage_path: str, run_name: str) -> bool:
     )
 
 
+def cpus_per_run(config: RunConfig) -> int:
+    """The CPUs one run takes: its training workers' plus ``train.data_cpus`` for Ray Data."""
+    return config.train.num_workers * config.train.cpus_per_worker + config.train.data_cpus
+
+
 def connect_ray_for(address: str | None, config: RunConfig) -> None:
-    """Ray for this run: the embedded one gets the trainers' CPUs plus two for Ray Data."""
-    connect_ray(address, config.train.num_workers * config.train.cpus_per_worker + 2)
+    """Ray for this run: the embedded one gets at least the CPUs the run takes."""
+    connect_ray(address, cpus_per_run(config))
 
 
 def count_images(source: ImageSource, declared: int | None) -> int:
@@ -77,13 +85,6 @@ def count_images(source: ImageSource, declared: int | None) -> int:
     return sum(unit["rows"] for unit in units)
 
 
-def quiet_ray_data() -> None:
-    """No per-operator progress bars from Ray Data: the training loop prints its own lines."""
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-
-
 def plan_steps(config: RunConfig, num_rows: int) -> tuple[int, int]:
     """(total steps, steps per epoch) from the schedule and the number of training images."""
     steps_per_epoch = num_rows // config.train.batch_size
@@ -93,10 +94,7 @@ def plan_steps(config: RunConfig, num_rows: int) -> tuple[int, int]:
             f"({num_rows} images at {config.data.train.path})"
         )
     total = config.schedule.steps or steps_per_epoch * (config.schedule.epochs or 1)
-    if config.optim.warmup_steps >= total:
-        raise ConfigError(
-            f"optim.warmup_steps ({config.optim.warmup_steps}) must be shorter than the run ({total} steps)"
-        )
+    config.optim.check_warmup(total)
     return total, steps_per_epoch
 
 
@@ -133,7 +131,7 @@ def run_pretraining(
         storage_path if not is_uri(storage_path) else "."
     )
     local_dir = (
-        Path(storage_path if not is_uri(storage_path) else Path.home() / ".darkmatter" / "runs")
+        Path(storage_path if not is_uri(storage_path) else LOCAL_RUNS_DIR)
         / config.name
         / "darkmatter"
     )
@@ -148,6 +146,8 @@ def run_pretraining(
     )
     epochs_covered = math.ceil(total_steps / steps_per_epoch)
     recipe = config.data.recipe.build()
+    mask = config.data.mask
+    mask_generator = mask.build(config.data.recipe.size) if mask is not None else None
     quiet_ray_data()
     counters = {split: f"{config.name}/{split}" for split in ("train", "knn_bank", "knn_query")}
     datasets = {
@@ -157,6 +157,7 @@ def run_pretraining(
             seed=config.train.seed,
             epochs=epochs_covered,
             counter=counters["train"],
+            mask_generator=mask_generator,
         )
     }
     if config.data.knn_bank is not None and config.data.knn_query is not None:
@@ -177,13 +178,16 @@ def run_pretraining(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "config": config.model_dump(mode="json"),
-            "total_steps": total_steps,
-            "steps_per_epoch": steps_per_epoch,
-            "mlflow_run_id": mlflow_run_id if tracker.online else None,
-            "tracking_uri": tracking_uri,
-            "local_dir": str(local_dir),
-            "ingest_counter": counters["train"],
+            "loop": LoopConfig(
+                config=config,
+                total_steps=total_steps,
+                steps_per_epoch=steps_per_epoch,
+                mlflow_run_id=mlflow_run_id if tracker.online else None,
+                tracking_uri=tracking_uri,
+                local_dir=str(local_dir),
+                ingest_counter=counters["train"],
+                extra_columns=mask_generator.columns if mask_generator is not None else (),
+            )
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.train.num_workers,

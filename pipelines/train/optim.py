@@ -97,11 +97,8 @@ def build_schedule(
     optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """Linear warmup from ~0 over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` (Loshchilov & Hutter 2017)."""
+    config.check_warmup(total_steps)
     warmup = config.warmup_steps
-    if warmup >= total_steps:
-        raise ValueError(
-            f"optim.warmup_steps ({warmup}) must be shorter than the run ({total_steps} steps)"
-        )
 
     def factor(step: int) -> float:
         if step < warmup:

@@ -78,6 +78,25 @@ class CollapseThresholds(BaseModel):
     grace_steps: int = Field(0, ge=0)
 
 
+class AshaSettings(BaseModel):
+    """ASHA's rungs (``ray.tune.schedulers.ASHAScheduler``), counted in a trial's reports
+    (Tune's ``training_iteration``): no trial is stopped before ``grace_period`` reports,
+    none runs past ``max_t`` (by default above any run's length: the schedule ends a trial)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grace_period: int = Field(2, ge=1)
+    max_t: int = Field(10_000, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AshaSettings:
+        if self.grace_period > self.max_t:
+            raise ValueError(
+                f"grace_period ({self.grace_period}) must not exceed max_t ({self.max_t})"
+            )
+        return self
+
+
 class TuneSpace(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -86,6 +105,7 @@ class TuneSpace(BaseModel):
     mode: Literal["max", "min"] = "max"
     params: dict[str, Distribution]
     collapse: CollapseThresholds = Field(default_factory=CollapseThresholds)
+    asha: AshaSettings = Field(default_factory=AshaSettings)
 
     @model_validator(mode="after")
     def _metric(self) -> TuneSpace:

@@ -33,11 +33,14 @@ from pipelines.config import (
     validate_config,
 )
 from pipelines.tracking import RUN_NAME_TAG, default_tracking_uri, redact_uri, start_or_resume_run
-from pipelines.train.driver import connect_ray_for, run_pretraining
+from pipelines.train.driver import connect_ray_for, cpus_per_run, run_pretraining
 from pipelines.tune.plots import plot_sweep
 from pipelines.tune.space import CollapseThresholds, TuneSpace, load_space, set_dotted
 
 TRIAL_STATUS_TAG = "darkmatter.trial_status"
+# What the trial's own process asks of Ray: it only drives its TorchTrainer, whose workers
+# and Ray Data stages reserve their CPUs themselves (counted in max_concurrent_trials).
+TRIAL_DRIVER_RESOURCES = {"CPU": 0.1}
 MLFLOW_STATUS = {
     "completed": "FINISHED",
     "stopped early": "KILLED",
@@ -103,13 +106,10 @@ def pretrain_trial(
 
 
 def max_concurrent_trials(config: RunConfig) -> int:
-    """As many trials as the cluster's resources hold at once: each needs its workers' CPUs
-    (and GPUs) plus two CPUs for its Ray Data stages."""
+    """As many trials as the cluster's resources hold at once: each needs what a single run
+    does (``cpus_per_run``: its workers' CPUs plus ``train.data_cpus``), and its GPUs."""
     resources = ray.cluster_resources()
-    # Two CPUs per trial for its Ray Data read and decode stages, as for a single run
-    # (connect_ray_for): with one, concurrent trials' pipelines can starve each other.
-    per_trial_cpu = config.train.num_workers * config.train.cpus_per_worker + 2
-    fit = int(resources.get("CPU", 1) // per_trial_cpu)
+    fit = int(resources.get("CPU", 1) // cpus_per_run(config))
     if config.train.use_gpu:
         fit = min(fit, int(resources.get("GPU", 0) // config.train.num_workers))
     if fit < 1:
@@ -218,7 +218,7 @@ def run_sweep(
             tracking_uri=tracking_uri,
             parent_run_id=parent_run_id,
         ),
-        {"CPU": 0.1},  # the trial only drives its TorchTrainer
+        TRIAL_DRIVER_RESOURCES,
     )
     stopper = CollapseStopper(space.collapse)
     if resuming:
@@ -236,8 +236,8 @@ def run_sweep(
                 metric=space.metric,
                 mode=space.mode,
                 time_attr="training_iteration",
-                grace_period=2,
-                max_t=10_000,
+                grace_period=space.asha.grace_period,
+                max_t=space.asha.max_t,
             )
             if scheduler == "asha"
             else FIFOScheduler()

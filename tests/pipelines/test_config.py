@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import ConfigError, load_config, resolve_paths
+from pipelines.ingest.recipes import RECIPES
+from ssl_models.methods import METHODS, method_options
 
 REPO = Path(__file__).resolve().parents[2]
 MINIMAL = ["data.train.path=data/cifar10-sample/train.parquet", "schedule.steps=10"]
@@ -22,7 +24,9 @@ def test_ready_configs_validate(path):
 def test_overrides_are_typed_and_nested():
     config = load_config(None, [*MINIMAL, "train.batch_size=64", "method.options.temperature=0.5"])
     assert config.train.batch_size == 64
-    assert config.method.options == {"temperature": 0.5}
+    assert config.method.options.temperature == 0.5
+    # The options are a mapping of every option, defaults included: build_method(**options).
+    assert dict(config.method.options) == method_options("simclr") | {"temperature": 0.5}
 
 
 @pytest.mark.parametrize(
@@ -36,11 +40,23 @@ def test_overrides_are_typed_and_nested():
         ),
         (
             ["optim.warmup_steps=10"],
-            "optim.warmup_steps (10) must be shorter than schedule.steps (10)",
+            "optim.warmup_steps (10) must be shorter than the run (10 steps)",
         ),
-        (["method.name=simclrr"], "unknown method 'simclrr'; accepted: barlow_twins, byol"),
-        (["method.options.tau=0.1"], "method 'simclr' has no option tau"),
-        (["method.options.temperature=cold"], "method option 'temperature' must be float"),
+        (["method.name=simclrr"], "method: unknown method 'simclrr'; accepted: barlow_twins, byol"),
+        (
+            ["method.options.tau=0.1"],
+            "method.options.tau: unknown key; 'simclr' accepts: proj_hidden_dim",
+        ),
+        (
+            ["method.options.temperature=cold"],
+            "method.options.temperature: Input should be a valid number",
+        ),
+        (
+            ["method.name=byol", "method.options.proj_dim=2.5"],
+            "method.options.proj_dim: Input should be a valid integer",
+        ),
+        (["method.options.gather=maybe"], "method.options.gather: Input should be a valid boolean"),
+        (["data.recipe.name=dino"], "unknown recipe 'dino'; accepted: byol, multicrop, simclr"),
         (["backbone.name=resnet19"], "unknown backbone 'resnet19'"),
         (["optim.name=adam"], "optim.name: Input should be 'sgd', 'adamw' or 'lars'"),
         (["data.recipe.overrides.jitter_strength=2"], "unknown override(s) ['jitter_strength']"),
@@ -52,6 +68,26 @@ def test_bad_config_names_the_field(overrides, message):
     with pytest.raises(ConfigError) as error:
         load_config(None, [*MINIMAL, *overrides])
     assert message in str(error.value)
+
+
+def test_an_int_is_accepted_for_a_float_option():
+    config = load_config(None, [*MINIMAL, "method.options.temperature=1"])
+    assert config.method.options.temperature == 1.0
+    assert isinstance(config.method.options.temperature, float)
+
+
+@pytest.mark.parametrize(("method", "recipe"), [("simclr", "simclr"), ("byol", "byol")])
+def test_the_recipe_defaults_to_the_methods_own(method, recipe):
+    config = load_config(None, [*MINIMAL, f"method.name={method}"])
+    assert config.data.recipe.name == recipe == METHODS[method].recipe
+    assert config.data.recipe.build().name == recipe
+    # A recipe named in the config wins over the method's.
+    named = load_config(None, [*MINIMAL, f"method.name={method}", "data.recipe.name=multicrop"])
+    assert named.data.recipe.name == "multicrop"
+
+
+def test_every_method_declares_a_registered_recipe():
+    assert {cls.recipe for cls in METHODS.values()} <= set(RECIPES)
 
 
 def test_missing_data_source_is_named():

@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_models.backbones import Backbone
 from ssl_models.diagnostics import energy_gap
 from ssl_models.ema import EMATeacher, cosine_momentum
 from ssl_models.methods import (
@@ -21,6 +20,7 @@ from ssl_models.methods import (
     build_method,
     method_options,
 )
+from tests.tiny_models import tiny_backbone
 
 FAMILY = {
     "simclr": "negatives",
@@ -34,20 +34,6 @@ FAMILY = {
 SMALL_HEADS = {"proj_hidden_dim": 64, "proj_dim": 32, "pred_hidden_dim": 64}
 PROJ_DIM = SMALL_HEADS["proj_dim"]
 EMA_METHODS = ["byol", "mocov3"]
-
-
-def tiny_backbone() -> Backbone:
-    """A real Backbone around a two-conv net; global pooling lets views differ in size."""
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-    )
-    return Backbone("tiny_cnn", net, feature_dim=16)
 
 
 def small_method(name: str, **options) -> Method:

@@ -85,6 +85,10 @@ def test_zero_jitter_is_exactly_the_normalisation(real_views):
     mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
     std = torch.tensor(spec.std).view(1, 3, 1, 1)
     torch.testing.assert_close(out, (real_views / 255.0 - mean) / std, atol=1e-6, rtol=0)
+    # The evaluation input (`normalise`) is the training view without augmentation.
+    torch.testing.assert_close(
+        pm.normalise(real_views, spec.mean, spec.std), out, atol=1e-6, rtol=0
+    )
     assert torch.equal(pm.hue_matrix(torch.zeros(3)), torch.eye(3).expand(3, 3, 3))
 
 

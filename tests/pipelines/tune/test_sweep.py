@@ -132,6 +132,29 @@ def test_bad_space_names_the_key(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"params.train.batch_size = 0"):
         load_space(space)
+    space = write_space(
+        tmp_path,
+        "simclr",
+        {},
+        {"method.options.temperature": {"distribution": "choice", "values": [0.1, "cold"]}},
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"params.method.options.temperature = 'cold': method.options.temperature: "
+        "Input should be a valid number",
+    ):
+        load_space(space)
+
+
+def test_asha_rungs_are_fields_of_the_space(tmp_path):
+    params = {"optim.base_lr": {"distribution": "uniform", "low": 0.1, "high": 1.0}}
+    space, _, _ = load_space(write_space(tmp_path, "simclr", {}, params))
+    assert (space.asha.grace_period, space.asha.max_t) == (2, 10_000)
+    asha = {"grace_period": 4, "max_t": 50}
+    space, _, _ = load_space(write_space(tmp_path, "simclr", {}, params, asha=asha))
+    assert (space.asha.grace_period, space.asha.max_t) == (4, 50)
+    with pytest.raises(ConfigError, match=r"asha.grace_period: Input should be greater"):
+        load_space(write_space(tmp_path, "simclr", {}, params, asha={"grace_period": 0}))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,101 @@
+"""One optimisation step and its non-finite policy.
+
+A step whose loss or gradient norm is non-finite on any worker is skipped on every
+worker together (their weights stay in sync), counted, and after
+``train.max_nonfinite_in_a_row`` such steps in a row the run stops with
+``NonFiniteLossError``: Ray Train then restores the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pipelines.train.checkpointing import Progress
+from ssl_models.methods import Batch, Method, StepOutput
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after too many non-finite steps in a row; Ray Train then restores the last checkpoint."""
+
+
+def all_workers_agree(flag: bool, device: torch.device) -> bool:
+    """True only if ``flag`` is true on every worker (so all skip a step together)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+class NonFinitePolicy:
+    """Counts skipped (non-finite) steps in ``progress.nonfinite_total`` (checkpointed) and
+    in a row (not checkpointed: a restart begins a fresh streak); raises at ``max_in_a_row``."""
+
+    def __init__(self, max_in_a_row: int) -> None:
+        self.max_in_a_row = max_in_a_row
+        self.in_a_row = 0
+
+    def record(self, finite: bool, progress: Progress) -> None:
+        """Record the outcome of step ``progress.step`` (before it is counted as done)."""
+        if finite:
+            self.in_a_row = 0
+            return
+        progress.nonfinite_total += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.max_in_a_row:
+            raise NonFiniteLossError(
+                f"{self.in_a_row} non-finite losses or gradients in a row at step "
+                f"{progress.step} ({progress.nonfinite_total} in all): stopping; Ray Train "
+                "restores the last checkpoint if failures remain (checkpoint.max_failures). "
+                "Lower optim.base_lr or set optim.grad_clip_norm."
+            )
+
+
+@dataclass
+class StepResult:
+    """``loss``: the step's loss, None when the step was skipped (``finite`` false);
+    ``output``: the method's output (the diagnostics read its embedding)."""
+
+    loss: float | None
+    finite: bool
+    output: StepOutput
+
+
+def train_step(
+    model: Method,
+    forward: Callable[[Batch], StepOutput],
+    batch: Batch,
+    optimizer: torch.optim.Optimizer,
+    policy: NonFinitePolicy,
+    progress: Progress,
+    total_steps: int,
+    grad_clip_norm: float | None = None,
+) -> StepResult:
+    """Forward, backward, clip, step and the EMA teacher's update, or a skip on every
+    worker when the loss or the gradient norm is non-finite on any of them.
+
+    ``model``: the method itself (its parameters and teacher); ``forward``: the same model as
+    the loop calls it (DDP, compiled, autocast). ``progress.step``: the step being taken (the
+    caller counts it done, and steps the learning-rate schedule, skipped or not).
+    """
+    output = forward(batch)
+    device = output.loss.device
+    finite = all_workers_agree(bool(torch.isfinite(output.loss)), device)
+    optimizer.zero_grad(set_to_none=True)
+    if finite:
+        output.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm or math.inf)
+        finite = all_workers_agree(bool(torch.isfinite(grad_norm)), device)
+    if not finite:
+        optimizer.zero_grad(set_to_none=True)  # drop this worker's gradients, if any
+        policy.record(False, progress)
+        return StepResult(loss=None, finite=False, output=output)
+    policy.record(True, progress)
+    optimizer.step()
+    model.update_teacher((progress.step + 1) / total_steps)
+    return StepResult(loss=output.loss.item(), finite=True, output=output)

@@ -47,6 +47,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from _cifar import add_data_argument, cifar_train_files  # noqa: E402
+from _machine import cpu_model  # noqa: E402
 
 from pipelines.config import RunConfig  # noqa: E402
 
@@ -82,16 +83,6 @@ def make_corpus(out: Path, files: list[Path], layout: str) -> int:
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
     return table.num_rows
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def random_classes_per_batch(counts: list[int], batch: int) -> float:

@@ -10,6 +10,7 @@ import sys
 # `func(args) -> int` as the handler.
 COMMAND_MODULES: tuple[str, ...] = (
     "pipelines.ingest.inspect",
+    "pipelines.ingest.manifest",
     "pipelines.train.driver",
     "pipelines.cluster.jobs",
     "pipelines.tune.sweep",

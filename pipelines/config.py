@@ -30,8 +30,11 @@ from ssl_models.backbones import BACKBONES
 from ssl_models.methods import METHODS, Method, method_options
 
 # The source formats `pipelines.ingest.sources.ImageSource` reads (defined here, where
-# the config can name them without importing Ray).
-SourceFormat = Literal["auto", "folder", "parquet", "webdataset", "paths"]
+# the config can name them without importing Ray); "manifest": a `darkmatter index` output.
+SourceFormat = Literal["auto", "folder", "parquet", "webdataset", "paths", "manifest"]
+# Where the read and decode tasks run (`data.decode_on`): anywhere, or only on the nodes
+# labelled as CPU data nodes (`pipelines.cluster.placement.DATA_NODE_LABEL`).
+DecodeOn = Literal["any", "cpu_nodes"]
 # `method.name` when a config names none.
 DEFAULT_METHOD = "simclr"
 
@@ -81,6 +84,8 @@ class SourceConfig(Strict):
     image_column: str = "image"
     label_column: str | None = None
     s3_endpoint: str | None = None
+    # Images per read task (and decode task): see ImageSource.rows_per_unit.
+    rows_per_unit: int = Field(8192, ge=1)
 
 
 class MethodOptions(Strict):
@@ -214,6 +219,12 @@ class DataConfig(Strict):
     knn_every_epochs: int = Field(1, ge=1)
     knn_k: int = Field(200, gt=0)
     knn_temperature: float = Field(0.1, gt=0)
+    # Images of the kNN bank at most (the first ones read): each rank embeds its share of
+    # them at every kNN epoch, and 50,000 is ImageNet's validation set, CIFAR's train set.
+    knn_bank_max: int = Field(50_000, gt=0)
+    # "cpu_nodes": read and decode only on nodes labelled darkmatter/role=data (cluster.yaml's
+    # cpu_worker, k8s/rayjob.yaml's cpu-workers; docs/CLUSTER.md), never beside the trainers.
+    decode_on: DecodeOn = "any"
     mask: MaskConfig | None = None
 
     @model_validator(mode="after")
@@ -249,7 +260,12 @@ class OptimConfig(Strict):
     weight_decay: float = Field(1e-6, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     betas: tuple[float, float] = (0.9, 0.999)
-    lars_eta: float = Field(0.02, gt=0)
+    # LARS trust coefficient: 0.001 in the authors' LARS (google-research/simclr
+    # lars_optimizer.py, facebookresearch/barlowtwins main.py; BYOL and VICReg the same).
+    lars_eta: float = Field(0.001, gt=0)
+    # Learning rate of biases and norm parameters relative to the weights'; None: the
+    # method's published ratio (Barlow Twins 0.0048 / 0.2, else 1).
+    bias_lr_ratio: float | None = Field(None, gt=0)
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     grad_clip_norm: float | None = Field(None, gt=0)

@@ -2,10 +2,73 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+@torch.no_grad()
+def knn_neighbours(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    k: int = 200,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest train rows of each test row by cosine similarity: (similarities (M, k'),
+    their labels (M, k')), most similar first, k' = min(k, N).
+
+    train_features: (N, D), train_labels: (N,) int64, test_features: (M, D).
+    """
+    if train_features.ndim != 2 or test_features.ndim != 2:
+        raise ValueError("knn_neighbours: features must be (N, D) and (M, D)")
+    if train_features.shape[0] != train_labels.shape[0]:
+        raise ValueError(
+            f"knn_neighbours: {train_features.shape[0]} train features but "
+            f"{train_labels.shape[0]} labels"
+        )
+    k = min(k, train_features.shape[0])
+    bank = F.normalize(train_features.float(), dim=1)
+    similarities, labels = [], []
+    for start in range(0, test_features.shape[0], chunk_size):
+        queries = F.normalize(test_features[start : start + chunk_size].float(), dim=1)
+        similarity, index = (queries @ bank.T).topk(k, dim=1)
+        similarities.append(similarity)
+        labels.append(train_labels[index])
+    if not similarities:
+        return bank.new_zeros(0, k), train_labels.new_zeros(0, k)
+    return torch.cat(similarities), torch.cat(labels)
+
+
+@torch.no_grad()
+def merge_neighbours(
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor]], k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest of several banks' neighbour lists (``knn_neighbours`` of each part of a
+    bank split by rows), as ``knn_neighbours`` gives them for the whole bank.
+
+    parts: [(similarities (M, k_i), labels (M, k_i))]; a part may pad its list with
+    similarity -inf (never chosen ahead of a real neighbour, and its vote weighs 0).
+    """
+    if not parts:
+        raise ValueError("merge_neighbours: no parts")
+    similarities = torch.cat([similarity for similarity, _ in parts], dim=1)
+    labels = torch.cat([label for _, label in parts], dim=1)
+    top, index = similarities.topk(min(k, similarities.shape[1]), dim=1)
+    return top, labels.gather(1, index)
+
+
+def knn_vote(
+    similarities: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float = 0.1
+) -> torch.Tensor:
+    """Wu et al. 2018, eq. 7: each neighbour votes for its class with weight exp(s / T).
+    similarities, labels: (M, k) from ``knn_neighbours``. Returns predicted labels (M,)."""
+    weights = (similarities / temperature).exp()
+    votes = torch.zeros(similarities.shape[0], num_classes, device=similarities.device)
+    votes.scatter_add_(1, labels, weights)
+    return votes.argmax(dim=1)
 
 
 @torch.no_grad()
@@ -23,24 +86,10 @@ def weighted_knn_predict(
 
     train_features: (N, D), train_labels: (N,) int64, test_features: (M, D).
     """
-    if train_features.ndim != 2 or test_features.ndim != 2:
-        raise ValueError("weighted_knn_predict: features must be (N, D) and (M, D)")
-    if train_features.shape[0] != train_labels.shape[0]:
-        raise ValueError(
-            f"weighted_knn_predict: {train_features.shape[0]} train features but "
-            f"{train_labels.shape[0]} labels"
-        )
-    k = min(k, train_features.shape[0])
-    bank = F.normalize(train_features.float(), dim=1)
-    predictions = []
-    for start in range(0, test_features.shape[0], chunk_size):
-        queries = F.normalize(test_features[start : start + chunk_size].float(), dim=1)
-        similarity, index = (queries @ bank.T).topk(k, dim=1)
-        weights = (similarity / temperature).exp()
-        votes = torch.zeros(queries.shape[0], num_classes, device=queries.device)
-        votes.scatter_add_(1, train_labels[index], weights)
-        predictions.append(votes.argmax(dim=1))
-    return torch.cat(predictions)
+    similarities, labels = knn_neighbours(
+        train_features, train_labels, test_features, k, chunk_size
+    )
+    return knn_vote(similarities, labels, num_classes, temperature)
 
 
 def knn_accuracy(

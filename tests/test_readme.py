@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 NOT_COPIED = shutil.ignore_patterns(
     ".venv", ".git", "runs", "mlruns", "mlflow.db", "embeddings", "eval.json", "__pycache__",
-    ".pytest_cache", ".ruff_cache", "*.egg-info",
+    ".pytest_cache", ".ruff_cache", "*.egg-info", "manifests",
 )  # fmt: skip
 SHORTER_RUN = ["--set", "schedule.steps=6", "--set", "optim.warmup_steps=1"]
 # A trial's batch is swept up to 512 (3 steps an epoch on the sample): kNN only at its end.
@@ -58,7 +58,7 @@ def shortened(command: str) -> list[str]:
     if argv[1] == "tune":
         argv[argv.index("--trials") + 1] = "2"
         return argv + SHORTER_TRIAL
-    if argv[1] in ("inspect", "eval", "embed"):
+    if argv[1] in ("inspect", "index", "eval", "embed"):
         return argv
     raise AssertionError(f"README command {command!r}: say here how the test shortens it")
 
@@ -93,6 +93,11 @@ def test_readme_command_runs_as_written(command: str, fresh_copy: Path):
     if subcommand == "inspect":
         report = json.loads(result.stdout)
         assert report["decoded"] == 3000 and report["skipped"] == 0, report
+    elif subcommand == "index":
+        marker = json.loads(
+            (fresh_copy / "manifests/cifar10-sample/_darkmatter_manifest.json").read_text()
+        )
+        assert marker["format"] == "parquet" and marker["rows"] == 3000, marker
     elif subcommand == "pretrain":
         assert (fresh_copy / "runs/simclr-cifar10/darkmatter/backbone.pt").is_file()
         assert "kNN top-1 accuracy" in result.stdout
@@ -118,6 +123,7 @@ def test_readme_cluster_command_parses(command: str):
 def test_readme_blocks_are_found():
     assert [c.split()[1] for c in LOCAL_COMMANDS] == [
         "inspect",
+        "index",
         "pretrain",
         "eval",
         "embed",

@@ -18,7 +18,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import ray.data
 
-from pipelines.config import resolve_path
+from pipelines.cluster.placement import check_decode_placement
+from pipelines.config import ConfigError, DecodeOn, resolve_path
 from pipelines.evaluate.inference import (
     Checkpoint,
     add_backbone_options,
@@ -51,6 +52,7 @@ def embed_corpus(
     batch_size: int = 256,
     concurrency: int | None = None,
     progress: bool = True,
+    decode_on: DecodeOn = "any",
 ) -> EmbedResult:
     """Embed every decodable image of ``source`` into parquet files under ``out_dir``."""
     out_dir = Path(out_dir).expanduser().resolve()
@@ -60,7 +62,9 @@ def embed_corpus(
     context.enable_progress_bars = progress
     counter = f"embed/{time.time_ns()}"
     started = time.perf_counter()
-    images = eval_image_dataset(source, checkpoint.spec.image_size, counter=counter, keep_key=True)
+    images = eval_image_dataset(
+        source, checkpoint.spec.image_size, counter=counter, keep_key=True, decode_on=decode_on
+    )
     embed_dataset(
         images,
         checkpoint.spec,
@@ -101,6 +105,7 @@ def run_embed(args: argparse.Namespace) -> int:
         return 2
     connect(args.address)
     try:
+        check_decode_placement(args.decode_on)
         result = embed_corpus(
             source,
             checkpoint,
@@ -108,8 +113,9 @@ def run_embed(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             concurrency=args.concurrency,
             progress=not args.no_progress,
+            decode_on=args.decode_on,
         )
-    except FileExistsError as error:
+    except (FileExistsError, ConfigError) as error:
         print(f"darkmatter embed: {error}", file=sys.stderr)
         return 2
     counts = result.ingest

@@ -18,7 +18,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +28,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipelines.cluster.session import connect_ray
-from pipelines.config import load_config
+from pipelines.config import DecodeOn, load_config
 from pipelines.ingest.photometric import normalise
 from pipelines.ingest.recipes import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.ingest.sources import FORMATS
@@ -127,6 +127,11 @@ class BackboneInference:
         return pa.table(columns)
 
 
+# CPUs the inference actors leave to the read tasks of their own pipeline (reads ask for
+# 0.05 CPU each: room for several).
+READ_CPUS = 0.25
+
+
 @dataclass(frozen=True)
 class ActorPlan:
     """How many inference actors, and what each takes."""
@@ -141,9 +146,12 @@ def plan_actors(
     cpus_per_actor: int = 1,
     resources: dict[str, float] | None = None,
 ) -> ActorPlan:
-    """One actor per GPU when the cluster has GPUs; else one per ``cpus_per_actor`` CPUs
-    (Ray Data fuses reading and decoding into the actors' stage). ``resources``: the
-    cluster's (default ``ray.cluster_resources()``)."""
+    """One actor per GPU when the cluster has GPUs; else about one per ``cpus_per_actor`` of
+    the CPUs left once ``READ_CPUS`` are kept for the read tasks that feed them (decoding
+    runs inside the actors' stage: Ray Data fuses it). On 2 CPUs, two one-CPU actors held
+    both and the reads (0.05 CPU each) never ran: a hang. Now each takes a share of
+    what is left (two actors of 0.875 CPU on 2 CPUs). ``resources``: the cluster's (default
+    ``ray.cluster_resources()``)."""
     if cpus_per_actor < 1:
         raise ValueError(f"cpus_per_actor={cpus_per_actor!r} must be >= 1")
     if concurrency is not None and concurrency < 1:
@@ -152,8 +160,9 @@ def plan_actors(
     gpus = int(resources.get("GPU", 0))
     if gpus > 0:
         return ActorPlan(concurrency or gpus, 1, 1)
-    cpus = int(resources.get("CPU", 1))
-    return ActorPlan(concurrency or max(1, cpus // cpus_per_actor), 0, cpus_per_actor)
+    room = max(0.5, float(resources.get("CPU", 1)) - READ_CPUS)
+    count = concurrency or max(1, round(room / cpus_per_actor))
+    return ActorPlan(count, 0, min(float(cpus_per_actor), room / count))
 
 
 def embed_dataset(
@@ -180,7 +189,10 @@ def embed_dataset(
     return images.map_batches(
         BackboneInference,
         fn_constructor_kwargs=dict(
-            spec=spec, weights=weights, threads=int(plan.num_cpus), arrow_output=arrow_output
+            spec=spec,
+            weights=weights,
+            threads=max(1, int(plan.num_cpus)),
+            arrow_output=arrow_output,
         ),
         batch_size=batch_size,
         batch_format="numpy",
@@ -339,6 +351,13 @@ def add_backbone_options(parser: argparse.ArgumentParser) -> None:
         "--concurrency", type=int, help="inference actors (default: one per GPU, else CPUs - 1)"
     )
     parser.add_argument("--format", default="auto", choices=FORMATS, help="source format")
+    parser.add_argument(
+        "--decode-on",
+        default="any",
+        choices=get_args(DecodeOn),
+        help="where images are read and decoded: any node, or only the CPU data nodes "
+        "(labelled darkmatter/role=data; docs/CLUSTER.md)",
+    )
     parser.add_argument(
         "--image-column", default="image", help="parquet column / webdataset member of the images"
     )

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipelines.cluster.placement import check_decode_placement
 from pipelines.cluster.session import quiet_ray_data
-from pipelines.config import resolve_path
+from pipelines.config import ConfigError, DecodeOn, resolve_path
 from pipelines.evaluate.inference import (
     Checkpoint,
     add_backbone_options,
@@ -66,10 +67,13 @@ def split_features(
     *,
     batch_size: int = 256,
     concurrency: int | None = None,
+    decode_on: DecodeOn = "any",
 ) -> tuple[torch.Tensor, torch.Tensor, list[str], dict]:
     """(features (N, D), labels (N,), keys, ingest counts) of one labeled split."""
     counter = f"eval/{split}/{time.time_ns()}"
-    images = eval_image_dataset(source, checkpoint.spec.image_size, counter=counter, keep_key=True)
+    images = eval_image_dataset(
+        source, checkpoint.spec.image_size, counter=counter, keep_key=True, decode_on=decode_on
+    )
     embedded = embed_dataset(
         images,
         checkpoint.spec,
@@ -244,9 +248,19 @@ def run_eval(args: argparse.Namespace) -> int:
         return 2
     connect(args.address)
     quiet_ray_data()
+    try:
+        check_decode_placement(args.decode_on)
+    except ConfigError as error:
+        print(f"darkmatter eval: {error}", file=sys.stderr)
+        return 2
     splits = {
         split: split_features(
-            source, checkpoint, split, batch_size=args.batch_size, concurrency=args.concurrency
+            source,
+            checkpoint,
+            split,
+            batch_size=args.batch_size,
+            concurrency=args.concurrency,
+            decode_on=args.decode_on,
         )
         for split, source in sources.items()
     }

@@ -17,6 +17,7 @@ row) gives the same views on any worker and any run, and each epoch new ones.
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections import Counter
 from typing import Any
@@ -24,9 +25,13 @@ from typing import Any
 import numpy as np
 import ray
 from PIL import Image
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from pipelines.cluster.placement import data_label_selector
+from pipelines.config import DecodeOn
 from pipelines.ingest.crops import MaskGenerator, crop_batch
 from pipelines.ingest.decode import DEFAULT_MAX_PIXELS, UndecodableImage, decode_pil
+from pipelines.ingest.position import POSITION_COLUMNS, DataPosition
 from pipelines.ingest.recipes import ViewRecipe
 from pipelines.ingest.sources import ImageSource, ShuffleScope, read_raw_rows
 
@@ -61,8 +66,10 @@ class IngestCounter:
 
 # Handles held by the driver: a named actor lives while its owner holds a handle.
 _DRIVER_COUNTERS: dict[str, Any] = {}
-# Handles looked up inside map tasks, cached per worker process.
+# Handles looked up inside map tasks, cached per worker process, and each process's
+# reports not yet known to have arrived (kept so that they are not dropped; see `_report`).
 _TASK_COUNTERS: dict[str, Any] = {}
+_IN_FLIGHT: list[Any] = []
 
 
 def _actor_name(counter: str) -> str:
@@ -70,12 +77,22 @@ def _actor_name(counter: str) -> str:
 
 
 def ingest_counter(counter: str, *, reset: bool = False):
-    """Get or create the named `IngestCounter` actor; `reset` zeroes it."""
+    """Get or create the named `IngestCounter` actor; `reset` zeroes it.
+
+    It runs on the driver's node (on a cluster, the head node, where the job's driver
+    runs): a lost worker node never takes the counts with it, and the driver's own
+    node going takes the run anyway. It restarts (from zero) if its process dies.
+    """
     handle = _DRIVER_COUNTERS.get(counter)
     if handle is None:
         # Keep the first (owning) handle: the actor dies when its owner's handles go.
+        here = ray.get_runtime_context().get_node_id()
         handle = IngestCounter.options(
-            name=_actor_name(counter), namespace=COUNTER_NAMESPACE, get_if_exists=True
+            name=_actor_name(counter),
+            namespace=COUNTER_NAMESPACE,
+            get_if_exists=True,
+            max_restarts=-1,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
         ).remote()
         _DRIVER_COUNTERS[counter] = handle
     if reset:
@@ -83,21 +100,41 @@ def ingest_counter(counter: str, *, reset: bool = False):
     return handle
 
 
-def ingest_counts(counter: str = "train") -> dict[str, Any]:
-    """{decoded, skipped, skipped_by_reason} summed over everything read so far."""
+def ingest_counts(counter: str = "train", *, settle_s: float = 0.5) -> dict[str, Any]:
+    """{decoded, skipped, skipped_by_reason} summed over what the decode tasks have reported.
+
+    Reports travel without blocking decode, so one can trail its rows by moments: with
+    `settle_s` (for a final count, once the data has been consumed) the counts are read
+    until they hold still for that long (at most 20 times); 0 reads once (progress lines).
+    """
     handle = _DRIVER_COUNTERS.get(counter) or ray.get_actor(
         _actor_name(counter), namespace=COUNTER_NAMESPACE
     )
-    return ray.get(handle.counts.remote())
+    counts = ray.get(handle.counts.remote())
+    for _ in range(20 if settle_s > 0 else 0):
+        time.sleep(settle_s)
+        latest = ray.get(handle.counts.remote())
+        if latest == counts:
+            break
+        counts = latest
+    return counts
 
 
 def _report(counter: str, decoded: int, skipped: Counter[str]) -> None:
+    """Send one decode call's counts to the counter without waiting for it.
+
+    Decode never blocks on the counter (it used to wait for every report). The refs of
+    reports not yet known to have arrived are kept, so the process keeps owning them
+    until they land; those that have are dropped without waiting.
+    """
     handle = _TASK_COUNTERS.get(counter)
     if handle is None:
         handle = ray.get_actor(_actor_name(counter), namespace=COUNTER_NAMESPACE)
         _TASK_COUNTERS[counter] = handle
-    # Waited for, so that the counts are complete when the consumer has the rows.
-    ray.get(handle.add.remote(decoded, dict(skipped)))
+    _IN_FLIGHT.append(handle.add.remote(decoded, dict(skipped)))
+    if len(_IN_FLIGHT) > 16:
+        _, pending = ray.wait(_IN_FLIGHT, num_returns=len(_IN_FLIGHT), timeout=0)
+        _IN_FLIGHT[:] = pending
 
 
 # --- views ----------------------------------------------------------------------
@@ -137,7 +174,7 @@ def _views_batch(
     _report(counter, len(cropped.kept), cropped.skipped)
     out = {column: view for column, view in zip(recipe.columns, cropped.views, strict=True)}
     out.update(cropped.masks)
-    for column in ("label", "epoch") + (("key",) if keep_key else ()):
+    for column in ("label", *POSITION_COLUMNS) + (("key",) if keep_key else ()):
         if column in batch:
             out[column] = batch[column][cropped.kept]
     return out
@@ -167,21 +204,28 @@ def view_dataset(
     keep_key: bool = False,
     mask_generator: MaskGenerator | None = None,
     max_tasks: int | None = None,
+    position: DataPosition | None = None,
+    reset_counter: bool = True,
+    decode_on: DecodeOn = "any",
 ) -> ray.data.Dataset:
     """The CPU half of `recipe` over `source`, for `epochs` epochs (see module doc).
 
     Columns: `view_i` uint8 (S_i, S_i, 3) for each view of the recipe (channels
-    last; `photometric.channels_first` makes a batch of them (N, 3, S, S)), `epoch`
-    int64, `label` int64 when `source.label_column` is set (and `key` with
+    last; `photometric.channels_first` makes a batch of them (N, 3, S, S)), the int64
+    data position `epoch`, `task`, `pos`, `task_rows` (`position.py`; a restored run
+    passes its `position` and reads only what it has not consumed), `label` int64 when `source.label_column` is set (and `key` with
     `keep_key`, for debugging: strings do not batch into tensors). Each epoch reads
     the corpus in a new order drawn from (seed, epoch), each read task taking images
     from across the corpus (`shuffle="units"`: whole read units in a new order;
     None: file order; see `sources.epoch_tasks`).
-    Decode failures are counted in the `IngestCounter` named `counter` (reset here;
-    use one name per concurrent run). `mask_generator` (`pipelines.ingest.masks`)
+    Decode failures are counted in the `IngestCounter` named `counter` (reset here unless
+    not `reset_counter`, as a restarted run continues counting; use one name per
+    concurrent run). `mask_generator` (`pipelines.ingest.masks`)
     adds its columns (e.g. `mask` bool (T,)), drawn from each row's generator after
     its views. `max_tasks` caps the decode tasks running at
-    once (default: as many as Ray Data's CPU budget allows). `batch_size`: rows per
+    once (default: as many as Ray Data's CPU budget allows, which grows with the cluster).
+    `decode_on="cpu_nodes"`: reads and decodes run only on the nodes labelled as data nodes
+    (`pipelines.cluster.placement`; refused when none can come). `batch_size`: rows per
     decode call, and so per output block (default `decode_batch_rows(recipe)`). The
     photometric half
     runs on the batch:
@@ -193,12 +237,14 @@ def view_dataset(
         raise ValueError(f"view_dataset: epochs={epochs!r} must be >= 1")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"view_dataset: batch_size={batch_size!r} must be >= 1")
-    ingest_counter(counter, reset=True)
+    ingest_counter(counter, reset=reset_counter)
     raw = read_raw_rows(
         source,
         epochs=epochs,
         shuffle_seed=None if shuffle is None else seed,
         scope=shuffle or "corpus",
+        position=position,
+        decode_on=decode_on,
     )
     return raw.map_batches(
         _views_batch,
@@ -213,6 +259,7 @@ def view_dataset(
         batch_size=batch_size or decode_batch_rows(recipe),
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=max_tasks),
+        label_selector=data_label_selector(decode_on),
     )
 
 
@@ -273,17 +320,29 @@ def eval_image_dataset(
     batch_size: int = 128,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     keep_key: bool = False,
+    decode_on: DecodeOn = "any",
+    max_rows: int | None = None,
 ) -> ray.data.Dataset:
     """`image` uint8 (3, size, size) resized + center-cropped, no augmentation, and `label`
     when `source.label_column` is set (`key` with `keep_key`).
 
     For feature extraction (evaluation, embedding a corpus); undecodable rows are
     skipped and counted in the `IngestCounter` named `counter` (reset here).
+    `decode_on`: as `view_dataset`'s. `max_rows`: at most this many images, read in the
+    corpus-shuffled order (each read task a sample from across the corpus, so a class-sorted
+    tree still gives every class) and cut before decoding; which rows make the cut depends
+    on the order blocks arrive in.
     """
     if not 0 < crop_fraction <= 1:
         raise ValueError(f"eval_image_dataset: crop_fraction={crop_fraction!r} not in (0, 1]")
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"eval_image_dataset: max_rows={max_rows!r} must be >= 1")
     ingest_counter(counter, reset=True)
-    return read_raw_rows(source).map_batches(
+    if max_rows is None:
+        raw = read_raw_rows(source, decode_on=decode_on)
+    else:
+        raw = read_raw_rows(source, shuffle_seed=0, decode_on=decode_on).limit(max_rows)
+    return raw.map_batches(
         _eval_batch,
         fn_kwargs=dict(
             size=size,
@@ -294,6 +353,7 @@ def eval_image_dataset(
         ),
         batch_size=batch_size,
         batch_format="numpy",
+        label_selector=data_label_selector(decode_on),
     )
 
 
@@ -306,6 +366,8 @@ def labeled_eval_dataset(
     batch_size: int = 128,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     keep_key: bool = False,
+    decode_on: DecodeOn = "any",
+    max_rows: int | None = None,
 ) -> ray.data.Dataset:
     """`eval_image_dataset` for a source with labels: `image` and `label` (and `key`).
 
@@ -321,4 +383,6 @@ def labeled_eval_dataset(
         batch_size=batch_size,
         max_pixels=max_pixels,
         keep_key=keep_key,
+        decode_on=decode_on,
+        max_rows=max_rows,
     )

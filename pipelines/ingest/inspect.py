@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.ingest.decode import UndecodableImage, load_rgb, open_image
-from pipelines.ingest.sources import FORMATS, ImageSource, plan_units, read_raw
+from pipelines.ingest.sources import FORMATS, ImageSource, count_rows, read_raw
 
 
 def inspect_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -56,8 +56,7 @@ def summarise(source: ImageSource, *, progress: bool = True) -> tuple[dict[str, 
     """Stream `source` once: the summary dict and the (key, reason) list of bad rows."""
     from tqdm import tqdm
 
-    _, units = plan_units(source)
-    total = sum(u["rows"] for u in units) if all(u["rows"] is not None for u in units) else None
+    total = count_rows(source)
     rows = read_raw(source).map_batches(inspect_batch, batch_size=256, batch_format="numpy")
     by_format: Counter[str] = Counter()
     reasons: Counter[str] = Counter()

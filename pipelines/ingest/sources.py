@@ -1,9 +1,11 @@
 """Where images come from: a typed `ImageSource` and `read_raw`, its bytes as a Ray Dataset.
 
-The driver only *plans*: it lists files (and parquet footers) and cuts the corpus
-into small read units (a chunk of files, one parquet row group, one tar shard);
-when shuffling, each epoch's read tasks are drawn from across the corpus
-(`epoch_tasks`). Ray tasks read them and emit rows `bytes` (binary; null when the
+The driver only *plans*: Ray tasks list the files and read the parquet footers
+(`listing.py`), and the corpus is cut into small read units (a chunk of files, one
+parquet row group, one tar shard); when shuffling, each epoch's read tasks are drawn
+from across the corpus (`epoch_tasks`). A manifest (`darkmatter index`, `manifest.py`)
+is read instead of listing; from one, the read tasks are planned in Ray tasks too, a
+group of manifest shards each (`unit_rows`), and the driver holds only the shard list. Ray tasks read them and emit rows `bytes` (binary; null when the
 file could not be read), `key` (str: the path, `path#row` for parquet, `tar#sample` for
 webdataset; stable across runs) and `label` (int64, when `label_column` is set).
 Nothing is decoded here, so no file can fail a block (see `decode.py`).
@@ -23,7 +25,7 @@ import os
 import posixpath
 import random
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,7 +38,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from pipelines.config import SourceFormat
+from pipelines.cluster.placement import check_decode_placement, cluster_cpus, data_label_selector
+from pipelines.config import DecodeOn, SourceFormat
+from pipelines.ingest.listing import MARKER, Manifest, footers_in_tasks, list_files, read_manifest
+from pipelines.ingest.position import POSITION_COLUMNS, DataPosition
 
 FORMATS: tuple[str, ...] = get_args(SourceFormat)
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
@@ -58,7 +63,9 @@ SHUFFLE_SCOPES: tuple[str, ...] = get_args(ShuffleScope)
 class ImageSource:
     """A corpus of images: a folder tree, parquet files, webdataset tars or a path list.
 
-    `path`: a folder, a file, a list of files, or `s3://` URIs (no globs).
+    `path`: a folder, a file, a list of files, or `s3://` URIs (no globs); or a
+    manifest directory (`darkmatter index`; `format="manifest"`, or `auto` finds its
+    marker file), which holds a local manifest of `s3://` files with `s3_endpoint`.
     `image_column`: the parquet column holding image bytes; for webdataset, the
     member extension (the default "image" means the first of jpg/jpeg/png/webp).
     `label_column`: a parquet column, a webdataset member extension (an integer in
@@ -110,8 +117,11 @@ class ImageSource:
                 raise ValueError(
                     f"ImageSource.s3_endpoint={self.s3_endpoint!r}: must start with http:// or https://"
                 )
-            if not all(remote):
-                raise ValueError("ImageSource.s3_endpoint is set but ImageSource.path is not s3://")
+            if not all(remote) and self.format != "manifest":
+                raise ValueError(
+                    "ImageSource.s3_endpoint is set but ImageSource.path is not s3:// "
+                    "(a local manifest of s3:// files: format='manifest')"
+                )
         if self.rows_per_unit < 1:
             raise ValueError(f"ImageSource.rows_per_unit={self.rows_per_unit!r}: must be >= 1")
 
@@ -154,23 +164,19 @@ def _key(fs_path: str, source: ImageSource) -> str:
     return f"s3://{fs_path}" if source.is_s3 else fs_path
 
 
-# --- planning (driver) -----------------------------------------------------------
+# --- planning (driver; listing and footers in Ray tasks) -------------------------
 
 
 def _has_ext(path: str, exts: tuple[str, ...]) -> bool:
     return path.lower().endswith(exts)
 
 
-def _list_tree(fs: pafs.FileSystem, root: str) -> list[tuple[str, int]]:
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    return sorted((i.path, i.size) for i in infos if i.type == pafs.FileType.File)
-
-
 def _expand(source: ImageSource) -> tuple[str, list[str], dict[str, int]]:
     """Resolve `auto` and list the files: (format, filesystem paths, their sizes).
 
     A path list is taken as given (no stat per entry: a missing file is read as
-    null bytes and counted later; no sizes); folders are listed recursively.
+    null bytes and counted later; no sizes); folders are listed recursively by Ray
+    tasks, a directory level at a time (`listing.walk`), never by one call here.
     """
     fmt = source.format
     paths = [_fs_path(p) for p in source.paths]
@@ -183,18 +189,12 @@ def _expand(source: ImageSource) -> tuple[str, list[str], dict[str, int]]:
             fmt = "paths"
     if fmt == "paths":
         return fmt, paths, {}
-    fs = filesystem(source)
-    files: list[str] = []
-    sizes: dict[str, int] = {}
-    for original, path in zip(source.paths, paths, strict=True):
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"ImageSource.path: {original!r} does not exist")
-        listed = (
-            _list_tree(fs, path) if info.type == pafs.FileType.Directory else [(path, info.size)]
-        )
-        files.extend(f for f, _ in listed)
-        sizes.update(listed)
+    listed, missing = list_files(filesystem(source), paths)
+    if missing:
+        first = next(i for i, p in enumerate(paths) if p in set(missing))
+        raise FileNotFoundError(f"ImageSource.path: {source.paths[first]!r} does not exist")
+    files = [f for f, _ in listed]
+    sizes = dict(listed)
     if fmt == "auto":
         if any(f.endswith(".parquet") for f in files):
             fmt = "parquet"
@@ -211,18 +211,28 @@ def _expand(source: ImageSource) -> tuple[str, list[str], dict[str, int]]:
     return fmt, files, sizes
 
 
+def folder_classes(files: Sequence[str]) -> list[str]:
+    """The class names of folder labels: the files' parent directory names, sorted."""
+    return sorted({posixpath.basename(posixpath.dirname(f)) for f in files})
+
+
 def _folder_units(
-    source: ImageSource, files: list[str], sizes: dict[str, int]
+    source: ImageSource,
+    files: list[str],
+    sizes: dict[str, int],
+    labels: list[int] | None = None,
 ) -> list[dict[str, Any]]:
-    labels: list[int] | None = None
-    if source.label_column is not None:
-        if source.label_column != FOLDER_LABEL:
-            raise ValueError(
-                f"ImageSource.label_column={source.label_column!r}: folder trees and path "
-                f"lists take labels from directory names; use {FOLDER_LABEL!r}"
-            )
-        classes = sorted({posixpath.basename(posixpath.dirname(f)) for f in files})
-        index = {name: i for i, name in enumerate(classes)}
+    """Consecutive files, rows_per_unit (or _UNIT_BYTES) a unit; `labels`: the files'
+    folder labels when known (a manifest's), else drawn from `files`' directories."""
+    if source.label_column is None:
+        labels = None
+    elif source.label_column != FOLDER_LABEL:
+        raise ValueError(
+            f"ImageSource.label_column={source.label_column!r}: folder trees and path "
+            f"lists take labels from directory names; use {FOLDER_LABEL!r}"
+        )
+    elif labels is None:
+        index = {name: i for i, name in enumerate(folder_classes(files))}
         labels = [index[posixpath.basename(posixpath.dirname(f))] for f in files]
     units = []
     start, size = 0, 0
@@ -242,54 +252,324 @@ def _folder_units(
     return units
 
 
+def check_columns(source: ImageSource, names: Sequence[str], where: str) -> None:
+    """`source`'s image and label columns are among `names`, the columns of `where`."""
+    for field, column in (
+        ("image_column", source.image_column),
+        ("label_column", source.label_column),
+    ):
+        if column is not None and column not in names:
+            raise ValueError(
+                f"ImageSource.{field}={column!r} is not a column of {where} "
+                f"(columns: {list(names)})"
+            )
+
+
+def _row_group_units(
+    source: ImageSource, path: str, groups: Sequence[tuple[int, int, int, int]]
+) -> list[dict[str, Any]]:
+    """One file's row groups `(index, first row, rows, bytes)`, in order, as units:
+    consecutive groups until a unit holds >= rows_per_unit rows (or _UNIT_BYTES
+    uncompressed); each unit is one decode task downstream."""
+    units, taken, rows, size = [], [], 0, 0
+    for n, group in enumerate(groups, start=1):
+        taken.append(group)
+        rows, size = rows + group[2], size + group[3]
+        if rows >= source.rows_per_unit or size >= _UNIT_BYTES or n == len(groups):
+            units.append(
+                {
+                    "kind": "parquet",
+                    "file": path,
+                    "row_groups": [g[0] for g in taken],
+                    "offset": taken[0][1],
+                    "rows": rows,
+                    "group_rows": [g[2] for g in taken],
+                    "group_bytes": [g[3] for g in taken],
+                }
+            )
+            taken, rows, size = [], 0, 0
+    return units
+
+
 def _parquet_units(source: ImageSource, files: list[str]) -> list[dict[str, Any]]:
-    fs = filesystem(source)
     units = []
-    for path in files:
-        with fs.open_input_file(path) as handle:
-            meta = pq.ParquetFile(handle).metadata
-        names = meta.schema.to_arrow_schema().names
-        for field, column in (
-            ("image_column", source.image_column),
-            ("label_column", source.label_column),
-        ):
-            if column is not None and column not in names:
-                raise ValueError(
-                    f"ImageSource.{field}={column!r} is not a column of {_key(path, source)} "
-                    f"(columns: {names})"
-                )
-        # Consecutive row groups of a file make one unit of >= rows_per_unit rows (or
-        # _UNIT_BYTES uncompressed): each unit is one decode task downstream.
-        offset, groups, group_rows, group_bytes = 0, [], [], []
-        for group in range(meta.num_row_groups):
-            groups.append(group)
-            group_rows.append(meta.row_group(group).num_rows)
-            group_bytes.append(meta.row_group(group).total_byte_size)
-            rows, last = sum(group_rows), group == meta.num_row_groups - 1
-            if rows >= source.rows_per_unit or sum(group_bytes) >= _UNIT_BYTES or last:
-                units.append(
-                    {
-                        "kind": "parquet",
-                        "file": path,
-                        "row_groups": groups,
-                        "offset": offset,
-                        "rows": rows,
-                        "group_rows": group_rows,
-                        "group_bytes": group_bytes,
-                    }
-                )
-                offset, groups, group_rows, group_bytes = offset + rows, [], [], []
+    for path, footer in zip(files, footers_in_tasks(filesystem(source), files), strict=True):
+        check_columns(source, footer["names"], _key(path, source))
+        groups, first = [], 0
+        for index, (rows, size) in enumerate(footer["groups"]):
+            groups.append((index, first, rows, size))
+            first += rows
+        units.extend(_row_group_units(source, path, groups))
     return units
 
 
 def plan_units(source: ImageSource) -> tuple[str, list[dict[str, Any]]]:
-    """Resolve the format and cut the corpus into read units (runs on the driver)."""
+    """Resolve the format and cut the corpus into read units (listing in Ray tasks; from
+    a manifest, its shards are read here, not the files)."""
+    manifest = open_manifest(source)
+    if manifest is not None:
+        data = reading_source(source, manifest)
+        return data.format, _manifest_units(data, manifest, range(len(manifest.shards)))
     fmt, files, sizes = _expand(source)
     if fmt in ("folder", "paths"):
         return fmt, _folder_units(source, files, sizes)
     if fmt == "parquet":
         return fmt, _parquet_units(source, files)
     return fmt, [{"kind": "tar", "file": f, "rows": None} for f in files]
+
+
+def count_rows(source: ImageSource) -> int | None:
+    """Images in `source` from listings, footers or a manifest's marker (nothing read);
+    None when they cannot be counted without reading every shard (webdataset)."""
+    manifest = open_manifest(source)
+    if manifest is not None:
+        return manifest.rows
+    _, units = plan_units(source)
+    if any(unit.get("rows") is None for unit in units):
+        return None
+    return sum(unit["rows"] for unit in units)
+
+
+# --- manifests -------------------------------------------------------------------
+
+# Read planning from a manifest: each epoch, the shards are dealt (in an order drawn from
+# (seed, epoch)) into groups of about this many manifest rows, and one Ray task plans a
+# group (`epoch_tasks` over its units). A group's read tasks draw from its shards only:
+# at <= this many rows the whole corpus is one group, the same plan as `plan_units`.
+_PLAN_GROUP_ENTRIES = 1_000_000
+# A task of group g is numbered g * _TASK_STRIDE + its index in the group's plan.
+_TASK_STRIDE = 1 << 24
+# Each manifest's marker, parsed once per (location, mtime, size).
+_MANIFESTS: dict[tuple, Manifest] = {}
+
+
+def open_manifest(source: ImageSource) -> Manifest | None:
+    """The manifest `source` names (`format="manifest"`, or `auto` on a directory holding
+    `listing.MARKER`), or None."""
+    if source.format not in ("auto", "manifest"):
+        return None
+    if not isinstance(source.path, str):
+        if source.format == "manifest":
+            raise ValueError(
+                f"ImageSource.path={source.path!r}: a manifest is one directory; give its path"
+            )
+        return None
+    fs, location = filesystem(source), _fs_path(source.path).rstrip("/")
+    info = fs.get_file_info(f"{location}/{MARKER}")
+    if info.type != pafs.FileType.File:
+        if source.format == "manifest":
+            raise FileNotFoundError(
+                f"ImageSource.path={source.path!r} is not a darkmatter manifest (no {MARKER}"
+                "; make one with `darkmatter index`)"
+            )
+        return None
+    key = (source.is_s3, source.s3_endpoint, location, info.mtime_ns, info.size)
+    if key not in _MANIFESTS:
+        _MANIFESTS.clear()
+        _MANIFESTS[key] = read_manifest(fs, location)
+    return _MANIFESTS[key]
+
+
+def reading_source(source: ImageSource, manifest: Manifest | None = None) -> ImageSource:
+    """The source the read tasks read: `source` itself, or for a manifest its files (the
+    manifest's roots and format; the image column of `source`, else the manifest's)."""
+    manifest = manifest or open_manifest(source)
+    if manifest is None:
+        return source
+    roots = manifest.roots
+    data = ImageSource(
+        roots if len(roots) > 1 else roots[0],
+        format=manifest.format,
+        image_column=(
+            source.image_column
+            if source.image_column != "image"
+            else manifest.marker.get("image_column") or "image"
+        ),
+        label_column=source.label_column,
+        s3_endpoint=source.s3_endpoint,
+        rows_per_unit=source.rows_per_unit,
+    )
+    if manifest.format == "parquet" and manifest.marker.get("columns") is not None:
+        where = f"every file of the manifest {source.path}"
+        check_columns(data, manifest.marker["columns"], where)
+    return data
+
+
+def _uri_fs_path(uri: str) -> str:
+    return uri[len("s3://") :] if uri.startswith("s3://") else uri
+
+
+def _manifest_units(
+    source: ImageSource, manifest: Manifest, shards: Sequence[int]
+) -> list[dict[str, Any]]:
+    """The read units of manifest `shards` (indices), read from the shards alone;
+    `source` is the manifest's `reading_source`."""
+    columns = {
+        "folder": ["uri", "bytes", "label"],
+        "parquet": ["uri", "bytes", "rows", "row_group", "first_row"],
+        "webdataset": ["uri"],
+    }[manifest.format]
+    tables = [manifest.shard_table(i, columns) for i in shards]
+    if not tables:
+        return []
+    table = pa.concat_tables(tables)
+    files = [_uri_fs_path(u) for u in table.column("uri").to_pylist()]
+    if manifest.format == "folder":
+        sizes = dict(zip(files, table.column("bytes").to_pylist(), strict=True))
+        return _folder_units(source, files, sizes, table.column("label").to_pylist())
+    if manifest.format == "webdataset":
+        return [{"kind": "tar", "file": f, "rows": None} for f in files]
+    units: list[dict[str, Any]] = []
+    groups = zip(
+        files,
+        table.column("row_group").to_pylist(),
+        table.column("first_row").to_pylist(),
+        table.column("rows").to_pylist(),
+        table.column("bytes").to_pylist(),
+        strict=True,
+    )
+    current, taken = None, []
+    for path, *group in groups:  # a file's row groups are consecutive, in order
+        if path != current and taken:
+            units.extend(_row_group_units(source, current, taken))
+            taken = []
+        current = path
+        taken.append(tuple(group))
+    if taken:
+        units.extend(_row_group_units(source, current, taken))
+    return units
+
+
+def _shard_groups(manifest: Manifest, shuffle_seed: int | None, epoch: int) -> list[list[int]]:
+    """The manifest's shards dealt into groups of about _PLAN_GROUP_ENTRIES rows for one
+    epoch: in manifest order unshuffled, else in an order drawn from (shuffle_seed,
+    epoch). Always the same number of groups (some may be empty)."""
+    sizes = [shard["entries"] for shard in manifest.shards]
+    total = max(1, sum(sizes))
+    count = max(1, -(-total // _PLAN_GROUP_ENTRIES))
+    order: Sequence[int] = range(len(sizes))
+    if shuffle_seed is not None and count > 1:
+        order = np.random.default_rng([shuffle_seed, epoch, 1]).permutation(len(sizes))
+    groups: list[list[int]] = [[] for _ in range(count)]
+    filled = 0
+    for i in order:  # by where the shard's middle falls in the running total
+        groups[min(count - 1, int((filled + sizes[i] / 2) * count // total))].append(int(i))
+        filled += sizes[i]
+    return groups
+
+
+def _resumed(task: dict[str, Any], epoch: int, index: int, position: DataPosition | None):
+    """`task` less the rows a restored run's `position` consumed; None when all were."""
+    if position is None:
+        return task
+    if position.is_complete(epoch, index):
+        return None
+    consumed = position.consumed(epoch, index)
+    return {**task, "skip": consumed} if consumed else task
+
+
+def _plan_rows(
+    batch: dict[str, np.ndarray],
+    *,
+    source: ImageSource,
+    manifest: Manifest,
+    shuffle_seed: int | None,
+    scope: ShuffleScope,
+    position: DataPosition | None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """map_batches UDF: (epoch, group) -> that group's read tasks, planned here from the
+    group's shards, as `unit_rows` rows."""
+    for epoch, group in zip(batch["epoch"].tolist(), batch["group"].tolist(), strict=True):
+        groups = _shard_groups(manifest, shuffle_seed, epoch)
+        units = _manifest_units(source, manifest, groups[group])
+        if not units:
+            continue
+        seed = shuffle_seed
+        if seed is not None and len(groups) > 1:  # a plan of its own for each group
+            seed = int(np.random.SeedSequence([seed, epoch, group]).generate_state(1)[0])
+        tasks = epoch_tasks(
+            units, source.rows_per_unit, epoch=epoch, shuffle_seed=seed, scope=scope
+        )
+        del units
+        for i, task in enumerate(tasks):
+            number = group * _TASK_STRIDE + i
+            task = _resumed(task, epoch, number, position)
+            if task is not None:  # a row (and so a block, see `_manifest_unit_rows`) each
+                yield {
+                    "unit": np.array([json.dumps(task)], dtype=object),
+                    "epoch": np.array([epoch], np.int64),
+                    "task": np.array([number], np.int64),
+                }
+
+
+def _fewest_tasks(manifest: Manifest, rows_per_unit: int, epochs: int) -> int:
+    """A lower bound on the read tasks of a manifest's plan over `epochs` (a task holds at
+    most rows_per_unit files or row groups, or _TARS_PER_TASK tars), for the read pool's
+    size: Ray Data warns of a pool larger than its inputs."""
+    entries = sum(shard["entries"] for shard in manifest.shards)
+    per_task = _TARS_PER_TASK if manifest.format == "webdataset" else rows_per_unit
+    return epochs * max(1, entries // per_task)
+
+
+def _manifest_unit_rows(
+    source: ImageSource,
+    manifest: Manifest,
+    *,
+    epochs: int,
+    shuffle_seed: int | None,
+    scope: ShuffleScope,
+    position: DataPosition | None,
+) -> ray.data.Dataset:
+    """`unit_rows` of a manifest, planned in Ray tasks: the driver holds (epoch, group)
+    items and the shard list; a task per item reads its group's shards and plans its read
+    tasks (`_plan_rows`), each leaving as a block of its own (one read task per block
+    downstream, as `from_items` gives: the repartition runs inside the planning tasks)."""
+    if scope not in SHUFFLE_SCOPES:
+        raise ValueError(f"epoch_tasks: scope={scope!r}: expected one of {SHUFFLE_SCOPES}")
+    groups = len(_shard_groups(manifest, None, 0))
+    items = [{"epoch": e, "group": g} for e in range(epochs) for g in range(groups)]
+    plan = ray.data.from_items(items, override_num_blocks=min(len(items), 1024))
+    # One group at a time, epoch after epoch, on half a CPU: planning runs ahead of the
+    # reads, and as an op of whole-CPU tasks it kept the decode map waiting on 2 CPUs.
+    resources = dict(num_cpus=0.5, compute=ray.data.TaskPoolStrategy(size=1))
+    tasks = plan.map_batches(
+        _plan_rows,
+        fn_kwargs=dict(
+            source=reading_source(source, manifest),
+            manifest=manifest,
+            shuffle_seed=shuffle_seed,
+            scope=scope,
+            position=position,
+        ),
+        batch_size=1,
+        batch_format="numpy",
+        **resources,
+    )
+    return _one_row_blocks(tasks, **resources)
+
+
+def _one_row_blocks(
+    ds: ray.data.Dataset, *, num_cpus: float, compute: ray.data.TaskPoolStrategy
+) -> ray.data.Dataset:
+    """`ds.repartition(target_num_rows_per_block=1)` inside the tasks of `ds`'s last map.
+
+    Ray Data fuses a map with a streaming repartition only when both ask for the same
+    resources and pool; `Dataset.repartition` takes neither (it asks for a whole CPU, in
+    tasks of its own), so the operator is built here as `repartition` builds it, with
+    the map's. (Ray 2.60's internals; without them, the public `repartition`.)"""
+    try:
+        from ray.data._internal.logical.interfaces import LogicalPlan
+        from ray.data._internal.logical.operators import StreamingRepartition
+
+        op = StreamingRepartition(
+            target_num_rows_per_block=1,
+            input_dependencies=[ds._logical_plan.dag],
+            ray_remote_args={"num_cpus": num_cpus},
+            compute=compute,
+        )
+        return ray.data.Dataset._from_parent(ds, LogicalPlan(op, ds.context))
+    except (ImportError, AttributeError, TypeError):  # another Ray: correct, slower
+        return ds.repartition(target_num_rows_per_block=1)
 
 
 def _group_pieces(unit: dict[str, Any]) -> list[list[Any]]:
@@ -538,21 +818,41 @@ _READERS = {
 
 
 def read_units(batch: dict[str, Any], source: ImageSource) -> Iterator[pa.Table]:
-    """map_batches UDF: each input row is a JSON read task (plus `epoch`) -> raw rows.
+    """map_batches UDF: each input row is a JSON read task (plus `epoch`, `task`) -> raw rows.
 
+    Each row leaves with its data position (`position.POSITION_COLUMNS`): `epoch`, `task`,
+    `pos` (its index among the task's rows in reading order) and `task_rows`. Rows a
+    restored run has already consumed (the task's `skip` positions) are not emitted.
     A task with a `row_order_seed` (set by `epoch_tasks` when shuffling) yields its rows
     in an order drawn from that seed: with thousands of images per task, a fixed order
     would give every epoch the same batches (the same negatives). Tars are shuffled
     within each table they stream (256 rows per tar).
     """
-    for unit_json, epoch in zip(batch["unit"], batch["epoch"], strict=True):
+    for unit_json, epoch, task in zip(batch["unit"], batch["epoch"], batch["task"], strict=True):
         unit = json.loads(unit_json)
         order_seed = unit.get("row_order_seed")
         rng = np.random.default_rng(order_seed) if order_seed is not None else None
+        skip = np.asarray(unit.get("skip", []), np.int64)
+        task_rows = unit["rows"] if unit.get("rows") is not None else -1
+        offset = 0
         for table in _READERS[unit["kind"]](source, unit):
+            pos = np.arange(offset, offset + table.num_rows, dtype=np.int64)
+            offset += table.num_rows
+            if skip.size:
+                keep = ~np.isin(pos, skip)
+                table, pos = table.filter(pa.array(keep)), pos[keep]
             if rng is not None:
-                table = table.take(rng.permutation(table.num_rows))
-            yield table.append_column("epoch", pa.array([int(epoch)] * table.num_rows, pa.int64()))
+                order = rng.permutation(table.num_rows)
+                table, pos = table.take(order), pos[order]
+            n = table.num_rows
+            for name, values in (
+                ("epoch", np.full(n, epoch, np.int64)),
+                ("task", np.full(n, task, np.int64)),
+                ("pos", pos),
+                ("task_rows", np.full(n, task_rows, np.int64)),
+            ):
+                table = table.append_column(name, pa.array(values, pa.int64()))
+            yield table
 
 
 def unit_rows(
@@ -561,29 +861,57 @@ def unit_rows(
     epochs: int = 1,
     shuffle_seed: int | None = None,
     scope: ShuffleScope = "corpus",
+    position: DataPosition | None = None,
 ) -> ray.data.Dataset:
     """The read plan as a dataset: each epoch's read tasks (`epoch_tasks`), epoch-major.
 
     With `shuffle_seed`, each epoch draws its own tasks from (shuffle_seed, epoch) and
     each task's row order from (shuffle_seed, epoch, task); rows keep their keys, so
-    views stay reproducible.
+    views stay reproducible. A task is numbered by its place in its epoch's plan (the
+    same on every run); with `position` (a restored run's), tasks it consumed are left
+    out and partly consumed ones skip the rows it consumed. From a manifest the tasks are
+    planned in Ray tasks, a group of its shards each (`_plan_rows`; a task of group g is
+    numbered g * _TASK_STRIDE + its place in the group's plan).
     """
+    manifest = open_manifest(source)
+    if manifest is not None:
+        return _manifest_unit_rows(
+            source,
+            manifest,
+            epochs=epochs,
+            shuffle_seed=shuffle_seed,
+            scope=scope,
+            position=position,
+        )
     _, units = plan_units(source)
-    items = [
-        {"unit": json.dumps(task), "epoch": epoch}
-        for epoch in range(epochs)
-        for task in epoch_tasks(
+    items = []
+    for epoch in range(epochs):
+        tasks = epoch_tasks(
             units, source.rows_per_unit, epoch=epoch, shuffle_seed=shuffle_seed, scope=scope
         )
-    ]
+        for index, task in enumerate(tasks):
+            task = _resumed(task, epoch, index, position)
+            if task is not None:
+                items.append({"unit": json.dumps(task), "epoch": epoch, "task": index})
+    if not items:
+        raise ValueError(
+            f"ImageSource.path={source.path!r}: nothing left to read in {epochs} epoch(s) "
+            "(the data position says every row was consumed)"
+        )
     return ray.data.from_items(items, override_num_blocks=min(len(items), 1024))
 
 
 def read_concurrency() -> int:
-    """Read tasks at once: 2, or one per 4 CPUs of the cluster when that is more (a unit is
-    thousands of images; a cluster's decode tasks need several units in flight)."""
-    cpus = int(ray.cluster_resources().get("CPU", 0)) if ray.is_initialized() else 0
-    return max(2, cpus // 4)
+    """The most read tasks at once: one per 4 CPUs of the cluster at its largest (what the
+    autoscaler may grow it to, else the nodes alive now), at least 2. A unit is thousands of
+    images, and a cluster's decode tasks need several units in flight.
+
+    A ceiling, not a count: below it Ray Data's resource budget, which it recomputes as nodes
+    join and leave, decides how many run. Without one, reads at 0.05 CPU ran 3-6 at once on
+    2 CPUs and Ray started 14 worker processes (Ray warns of fractional-CPU tasks doing so):
+    the first batch came after ~100 s instead of ~20 s (docs/SCALING.md, "Concurrency").
+    """
+    return max(2, cluster_cpus() // 4) if ray.is_initialized() else 2
 
 
 def read_raw_rows(
@@ -592,9 +920,13 @@ def read_raw_rows(
     epochs: int = 1,
     shuffle_seed: int | None = None,
     scope: ShuffleScope = "corpus",
+    position: DataPosition | None = None,
+    decode_on: DecodeOn = "any",
 ) -> ray.data.Dataset:
-    """`read_raw` plus an int64 `epoch` column, the corpus repeated `epochs` times (in an
-    order drawn from `shuffle_seed` and `scope`: `epoch_tasks`; file order without one).
+    """`read_raw` plus the int64 data-position columns (`epoch`, `task`, `pos`, `task_rows`:
+    `position.py`), the corpus repeated `epochs` times (in an order drawn from
+    `shuffle_seed` and `scope`: `epoch_tasks`; file order without one), less what a
+    restored run's `position` says was consumed.
 
     The read asks for a twentieth of a CPU (`read_concurrency` tasks at once): reading is
     mostly waiting on storage, and half a CPU kept a second decode task from
@@ -602,20 +934,28 @@ def read_raw_rows(
     the decode map that follows: fused, the decode map's `batch_size` (rows)
     bundled that many *read units* into one task, and batches arrived only at the
     end of the run. Unfused, each read unit is one decode task. (Both measured:
-    docs/INGEST.md, "Measured facts behind the code".)
+    docs/INGEST.md, "Measured facts behind the code".) `decode_on="cpu_nodes"`: the read
+    tasks run on the nodes labelled as data nodes only (`pipelines.cluster.placement`).
     """
-    units = unit_rows(source, epochs=epochs, shuffle_seed=shuffle_seed, scope=scope)
+    check_decode_placement(decode_on)
+    units = unit_rows(
+        source, epochs=epochs, shuffle_seed=shuffle_seed, scope=scope, position=position
+    )
+    # from_items: counted from metadata; a manifest's plan (made in tasks) is not counted
+    manifest = open_manifest(source)
+    rows_per_unit = source.rows_per_unit
+    tasks = units.count() if manifest is None else _fewest_tasks(manifest, rows_per_unit, epochs)
     return units.map_batches(
         read_units,
-        fn_kwargs={"source": source},
+        fn_kwargs={"source": reading_source(source, manifest)},  # a manifest's files
         batch_size=1,
         batch_format="numpy",
         num_cpus=0.05,
-        # from_items: counted from metadata
-        compute=ray.data.TaskPoolStrategy(size=min(read_concurrency(), units.count())),
+        compute=ray.data.TaskPoolStrategy(size=min(read_concurrency(), tasks)),
+        label_selector=data_label_selector(decode_on),
     )
 
 
 def read_raw(source: ImageSource) -> ray.data.Dataset:
     """Raw rows `bytes`, `key` (+ `label`) of every image of `source`, lazily read."""
-    return read_raw_rows(source).drop_columns(["epoch"])
+    return read_raw_rows(source).drop_columns(list(POSITION_COLUMNS))

@@ -12,7 +12,12 @@ import ray.train
 import torch
 from torch import nn
 
+from pipelines.ingest.position import DataPosition
+
 STATE_FILE = "state.pt"
+# The data position (`pipelines.ingest.position`), apart from the weights: the driver reads
+# it (to plan what is left of the epoch) without loading the model.
+POSITION_FILE = "data_position.pt"
 
 
 @dataclass
@@ -39,8 +44,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
     progress: Progress,
+    position: DataPosition | None = None,
 ) -> None:
-    """Model (EMA teacher and queues are part of its state_dict), optimiser, schedule, progress, RNG."""
+    """Model (EMA teacher and queues are part of its state_dict), optimiser, schedule, progress,
+    RNG; and the data position, in its own file."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -51,6 +58,30 @@ def save_checkpoint(
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     torch.save(state, directory / STATE_FILE)
+    if position is not None:
+        torch.save(position.to_state(), directory / POSITION_FILE)
+
+
+def load_position(directory: str | Path) -> DataPosition:
+    """The data position saved in a checkpoint directory (empty if it has none)."""
+    path = Path(directory) / POSITION_FILE
+    if not path.exists():
+        return DataPosition()
+    return DataPosition.from_state(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def latest_position(storage_path: str, run_name: str) -> tuple[int, DataPosition]:
+    """(step, data position) of the checkpoint a rerun of ``run_name`` resumes from (Ray
+    Train's latest committed one); (0, empty) when there is none."""
+    try:
+        result = ray.train.Result.from_path(f"{storage_path.rstrip('/')}/{run_name}")
+    except RuntimeError:  # no run folder or no checkpoint snapshot yet
+        return 0, DataPosition()
+    if result.checkpoint is None:
+        return 0, DataPosition()
+    with result.checkpoint.as_directory() as directory:
+        step = int((result.metrics or {}).get("step", 0))
+        return step, load_position(directory)
 
 
 def load_checkpoint(
@@ -58,17 +89,19 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
-) -> Progress:
-    """Restore what ``save_checkpoint`` wrote into the given objects; returns its Progress."""
+) -> tuple[Progress, DataPosition]:
+    """Restore what ``save_checkpoint`` wrote into the given objects; returns its Progress and
+    data position."""
     with checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+        position = load_position(directory)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return Progress.from_state(state["progress"])
+    return Progress.from_state(state["progress"]), position
 
 
 @contextmanager
@@ -78,6 +111,7 @@ def temporary_checkpoint(
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
     progress: Progress,
+    position: DataPosition | None = None,
 ) -> Iterator[ray.train.Checkpoint | None]:
     """A checkpoint of the training state in a temporary directory that lives as long as the
     ``with`` block (``ray.train.report`` copies it to storage), or None when not ``save``."""
@@ -85,5 +119,5 @@ def temporary_checkpoint(
         yield None
         return
     with tempfile.TemporaryDirectory() as directory:
-        save_checkpoint(Path(directory), model, optimizer, schedule, progress)
+        save_checkpoint(Path(directory), model, optimizer, schedule, progress, position)
         yield ray.train.Checkpoint.from_directory(directory)

@@ -27,8 +27,9 @@ from pipelines.config import (
     resolve_paths,
 )
 from pipelines.ingest.dataset import ingest_counts, labeled_eval_dataset, view_dataset
-from pipelines.ingest.sources import ImageSource, plan_units
+from pipelines.ingest.sources import ImageSource, count_rows
 from pipelines.tracking import RunTracker, default_tracking_uri, redact_uri, start_or_resume_run
+from pipelines.train.checkpointing import latest_position
 from pipelines.train.loop import LoopConfig, train_loop_per_worker
 from pipelines.train.progress import run_with_progress_bar
 
@@ -73,16 +74,17 @@ def connect_ray_for(address: str | None, config: RunConfig) -> None:
 
 
 def count_images(source: ImageSource, declared: int | None) -> int:
-    """Images in the training set, from file listings and parquet metadata (nothing decoded)."""
+    """Images in the training set, from file listings and parquet metadata, or a manifest's
+    marker (nothing decoded)."""
     if declared is not None:
         return declared
-    _, units = plan_units(source)
-    if any(unit.get("rows") is None for unit in units):
+    rows = count_rows(source)
+    if rows is None:
         raise ConfigError(
             f"data.num_images: the images in {source.path} cannot be counted without reading "
             "every shard (webdataset); set data.num_images, or schedule.steps"
         )
-    return sum(unit["rows"] for unit in units)
+    return rows
 
 
 def plan_steps(config: RunConfig, num_rows: int) -> tuple[int, int]:
@@ -116,6 +118,41 @@ def open_mlflow_run(
     return run_id
 
 
+def build_trainer(
+    config: RunConfig,
+    loop: LoopConfig,
+    datasets: dict[str, ray.data.Dataset],
+    storage_path: str,
+    callbacks: list | None,
+) -> TorchTrainer:
+    """The ``TorchTrainer`` of one attempt (no restarts of its own: ``run_pretraining``'s)."""
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"loop": loop},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.train.num_workers,
+            use_gpu=config.train.use_gpu,
+            placement_strategy=config.train.placement_strategy,
+            resources_per_worker={"CPU": config.train.cpus_per_worker}
+            | ({"GPU": 1} if config.train.use_gpu else {}),
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.name,
+            storage_path=storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
+            # Node preemptions too: every restart goes through run_pretraining's re-planning.
+            failure_config=ray.train.FailureConfig(
+                max_failures=0, controller_failure_limit=0, max_preemption_failures=0
+            ),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+        # The kNN splits too: each rank embeds its share of the bank and of the queries
+        # (pipelines.train.loop.online_knn merges the neighbours across ranks).
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "knn_bank", "knn_query"]),
+    )
+
+
 def run_pretraining(
     config: RunConfig,
     address: str | None = None,
@@ -141,30 +178,14 @@ def run_pretraining(
     connect_ray_for(address, config)
     check_checkpoint_storage(config, storage_path)
     train_source = image_source(config.data.train)
-    total_steps, steps_per_epoch = plan_steps(
-        config, count_images(train_source, config.data.num_images)
-    )
+    num_rows = count_images(train_source, config.data.num_images)
+    total_steps, steps_per_epoch = plan_steps(config, num_rows)
     epochs_covered = math.ceil(total_steps / steps_per_epoch)
     recipe = config.data.recipe.build()
     mask = config.data.mask
     mask_generator = mask.build(config.data.recipe.size) if mask is not None else None
     quiet_ray_data()
     counters = {split: f"{config.name}/{split}" for split in ("train", "knn_bank", "knn_query")}
-    datasets = {
-        "train": view_dataset(
-            train_source,
-            recipe,
-            seed=config.train.seed,
-            epochs=epochs_covered,
-            counter=counters["train"],
-            mask_generator=mask_generator,
-        )
-    }
-    if config.data.knn_bank is not None and config.data.knn_query is not None:
-        size = recipe.views[0].size
-        for split in ("knn_bank", "knn_query"):
-            source = image_source(getattr(config.data, split))
-            datasets[split] = labeled_eval_dataset(source, size, counter=counters[split])
 
     mlflow_run_id = open_mlflow_run(config, tracking_uri, resuming, parent_run_id)
     tracker = RunTracker(tracking_uri, mlflow_run_id, local_dir)
@@ -174,42 +195,61 @@ def run_pretraining(
         tracker.log_params(flatten(config.model_dump(mode="json")))
         tracker.log_params({"total_steps": total_steps, "steps_per_epoch": steps_per_epoch})
     tracker.log_artifact(config_file)
-
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "loop": LoopConfig(
-                config=config,
-                total_steps=total_steps,
-                steps_per_epoch=steps_per_epoch,
-                mlflow_run_id=mlflow_run_id if tracker.online else None,
-                tracking_uri=tracking_uri,
-                local_dir=str(local_dir),
-                ingest_counter=counters["train"],
-                extra_columns=mask_generator.columns if mask_generator is not None else (),
-            )
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.train.num_workers,
-            use_gpu=config.train.use_gpu,
-            placement_strategy=config.train.placement_strategy,
-            resources_per_worker={"CPU": config.train.cpus_per_worker}
-            | ({"GPU": 1} if config.train.use_gpu else {}),
-        ),
-        run_config=ray.train.RunConfig(
-            name=config.name,
-            storage_path=storage_path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
-            failure_config=ray.train.FailureConfig(
-                max_failures=config.checkpoint.max_failures,
-                controller_failure_limit=config.checkpoint.max_failures,
-            ),
-            callbacks=trainer_callbacks,
-        ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    loop = LoopConfig(
+        config=config,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        mlflow_run_id=mlflow_run_id if tracker.online else None,
+        tracking_uri=tracking_uri,
+        local_dir=str(local_dir),
+        ingest_counter=counters["train"],
+        extra_columns=mask_generator.columns if mask_generator is not None else (),
+        rows_per_epoch=num_rows,
     )
-    result = run_with_progress_bar(config.name, total_steps, trainer.fit)
+
+    # A failure restarts the workers from the last committed checkpoint, here rather than
+    # inside Ray Train: the data is re-planned from that checkpoint's data position, so the
+    # epoch continues where it was instead of starting again (exact resume, docs/SCALING.md).
+    restarts = config.checkpoint.max_failures
+    for attempt in range(restarts + 1):
+        resume_step, position = latest_position(storage_path, config.name)
+        if attempt:
+            print(
+                f"[darkmatter] restart {attempt}/{restarts}: resuming at step {resume_step}",
+                file=sys.stderr,
+            )
+        datasets = {
+            "train": view_dataset(
+                train_source,
+                recipe,
+                seed=config.train.seed,
+                epochs=epochs_covered,
+                counter=counters["train"],
+                mask_generator=mask_generator,
+                position=position,
+                reset_counter=attempt == 0,
+                decode_on=config.data.decode_on,
+            )
+        }
+        if config.data.knn_bank is not None and config.data.knn_query is not None:
+            size = recipe.views[0].size
+            for split in ("knn_bank", "knn_query"):
+                source = image_source(getattr(config.data, split))
+                datasets[split] = labeled_eval_dataset(
+                    source,
+                    size,
+                    counter=counters[split],
+                    decode_on=config.data.decode_on,
+                    max_rows=config.data.knn_bank_max if split == "knn_bank" else None,
+                )
+        trainer = build_trainer(config, loop, datasets, storage_path, trainer_callbacks)
+        try:
+            result = run_with_progress_bar(config.name, total_steps, trainer.fit)
+            break
+        except ray.train.TrainingFailedError as error:
+            if attempt == restarts:
+                raise
+            print(f"[darkmatter] training failed: {error}", file=sys.stderr)
     skipped = ingest_counts(counters["train"])
     problem_file = local_dir / "tracking_problem.txt"
     problem = problem_file.read_text().strip() if problem_file.exists() else None

@@ -23,16 +23,18 @@ from torch import nn
 from pipelines.config import RunConfig
 from pipelines.ingest.dataset import ingest_counts
 from pipelines.ingest.photometric import channels_first, normalise, photometric
+from pipelines.ingest.position import DataPosition
 from pipelines.ingest.recipes import ViewRecipe, ViewSpec
 from pipelines.tracking import RunTracker
 from pipelines.train.checkpointing import Progress, load_checkpoint, temporary_checkpoint
+from pipelines.train.consumed import ConsumedRows
 from pipelines.train.optim import build_optimizer, build_schedule
 from pipelines.train.progress import post_progress
 from pipelines.train.step import NonFinitePolicy, train_step
 from pipelines.train.throughput import ThroughputWindow
 from ssl_models.backbones import build_backbone
+from ssl_models.distributed import sharded_knn_accuracy
 from ssl_models.methods import Batch, Method, StepOutput, build_method
-from ssl_models.probes import knn_accuracy
 
 # Metrics each report carries (rank 0's latest values): what Tune schedules and stops on.
 REPORTED = ("loss", "effective_rank", "energy_gap", "embedding_std")
@@ -45,7 +47,8 @@ class LoopConfig:
     ``mlflow_run_id``: None when MLflow could not be reached (metrics stay local);
     ``local_dir``, ``tracking_uri``: absolute (workers ``chdir``); ``ingest_counter``: the
     name of the train split's decode counter; ``extra_columns``: batch columns drawn in the
-    data pipeline (masks, ...) that the method receives as ``Batch.extras``.
+    data pipeline (masks, ...) that the method receives as ``Batch.extras``;
+    ``rows_per_epoch``: images in one epoch (for ``data/epoch_coverage``).
     """
 
     config: RunConfig
@@ -56,6 +59,7 @@ class LoopConfig:
     local_dir: str
     ingest_counter: str
     extra_columns: tuple[str, ...] = ()
+    rows_per_epoch: int = 0
 
     def __getstate__(self) -> dict[str, Any]:
         # The run config travels as JSON: its per-method models are built at import time
@@ -107,10 +111,10 @@ def train_loop_per_worker(loop_config: dict[str, LoopConfig]) -> None:
     grad_clip_norm = config.optim.grad_clip_norm
 
     # ---- resume from the last committed checkpoint, if any ------------------------------------
-    progress = Progress(mlflow_run_id=loop.mlflow_run_id or "")
+    progress, position = Progress(mlflow_run_id=loop.mlflow_run_id or ""), DataPosition()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        progress = load_checkpoint(checkpoint, model, optimizer, schedule)
+        progress, position = load_checkpoint(checkpoint, model, optimizer, schedule)
         progress.mlflow_run_id = loop.mlflow_run_id or progress.mlflow_run_id
     forward = ray.train.torch.prepare_model(model, move_to_device=False)
     if config.train.compile:
@@ -119,65 +123,109 @@ def train_loop_per_worker(loop_config: dict[str, LoopConfig]) -> None:
     tracker = start_tracking(loop, progress, world_size, device) if rank == 0 else None
 
     # ---- the loop: views -> step -> log, diagnostics, kNN -> report (and checkpoint) ----------
+    # One pass over the shard is the rest of the run (all its epochs, less the rows the
+    # checkpoint's data position says were consumed): the driver planned it so.
     shard = ray.train.get_dataset_shard("train")
+    consumed = ConsumedRows(position)
     generator = torch.Generator(device=device)
     view_buffers: list[torch.Tensor] = []  # last step's CPU views, rewritten in place
     policy = NonFinitePolicy(config.train.max_nonfinite_in_a_row)
     window = ThroughputWindow(config.train.batch_size)
     latest: dict[str, float] = {}
     model.train()
-    while progress.step < total_steps:
-        batches = shard.iter_torch_batches(
-            batch_size=local_batch,
-            drop_last=True,
-            prefetch_batches=config.train.prefetch_batches,
-            local_shuffle_buffer_size=config.data.shuffle_buffer or None,
-            local_shuffle_seed=config.train.seed + rank,
+    batches = shard.iter_torch_batches(
+        batch_size=local_batch,
+        drop_last=True,
+        prefetch_batches=config.train.prefetch_batches,
+        local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+        local_shuffle_seed=config.train.seed + rank + progress.step,
+    )
+    for batch in window.timed(batches):
+        generator.manual_seed(hash((config.train.seed, rank, progress.step)) & 0x7FFF_FFFF_FFFF)
+        views = make_views(batch, recipe, generator, device, view_buffers, channels_last)
+        inputs = Batch(views, extras={c: batch[c].to(device) for c in loop.extra_columns})
+        result = train_step(
+            model, forward, inputs, optimizer, policy, progress, total_steps, grad_clip_norm
         )
-        for batch in window.timed(batches):
-            generator.manual_seed(hash((config.train.seed, rank, progress.step)) & 0x7FFF_FFFF_FFFF)
-            views = make_views(batch, recipe, generator, device, view_buffers, channels_last)
-            inputs = Batch(views, extras={c: batch[c].to(device) for c in loop.extra_columns})
-            result = train_step(
-                model, forward, inputs, optimizer, policy, progress, total_steps, grad_clip_norm
-            )
-            schedule.step()
-            progress.step += 1
-            progress.images_seen += config.train.batch_size
-            window.add(result.loss)
+        schedule.step()
+        consumed.add(batch)
+        progress.step += 1
+        progress.images_seen += config.train.batch_size
+        window.add(result.loss)
 
-            metrics: dict[str, float] = {}
-            if rank == 0 and is_due(progress.step, config.train.log_every, total_steps):
-                metrics = interval_metrics(window, optimizer, progress, loop)
-                say(progress_line(metrics, progress.step, total_steps))
-                post_progress(config.name, step=progress.step, loss=metrics["loss"])
-                window.reset()
-            diagnose = is_due(progress.step, config.train.diagnostics_every, total_steps)
-            if rank == 0 and diagnose and result.output.embedding.shape[0] >= 2:
-                metrics.update(model.diagnostics(result.output))
-            if rank == 0 and knn_due(config, progress.step, loop.steps_per_epoch, total_steps):
-                progress.last_knn_top1 = metrics["knn_top1"] = online_knn(model, config, device)
-                epoch = math.ceil(progress.step / loop.steps_per_epoch)
+        metrics: dict[str, float] = {}
+        if rank == 0 and is_due(progress.step, config.train.log_every, total_steps):
+            metrics = interval_metrics(window, optimizer, progress, loop)
+            say(progress_line(metrics, progress.step, total_steps))
+            post_progress(config.name, step=progress.step, loss=metrics["loss"])
+            window.reset()
+        diagnose = is_due(progress.step, config.train.diagnostics_every, total_steps)
+        if rank == 0 and diagnose and result.output.embedding.shape[0] >= 2:
+            metrics.update(model.diagnostics(result.output))
+        if knn_due(config, progress.step, loop.steps_per_epoch, total_steps):  # every rank: sharded
+            progress.last_knn_top1 = metrics["knn_top1"] = online_knn(model, config, device)
+            epoch = math.ceil(progress.step / loop.steps_per_epoch)
+            if rank == 0:
                 say(f"[darkmatter] epoch {epoch}: kNN top-1 {100 * progress.last_knn_top1:.2f}%")
-            if tracker is not None and metrics:
-                tracker.log_metrics(metrics, progress.step)
+        if tracker is not None and metrics:
+            tracker.log_metrics(metrics, progress.step)
 
-            # Every worker reports at the same steps (a barrier): diagnostics steps feed Tune's
-            # schedulers and stoppers; checkpoint steps also carry rank 0's checkpoint.
-            latest.update({k: metrics[k] for k in REPORTED if k in metrics}, step=progress.step)
-            latest.update(knn_top1=progress.last_knn_top1, nonfinite_steps=progress.nonfinite_total)
-            save = is_due(progress.step, config.checkpoint.every_steps, total_steps)
-            if save or progress.step % config.train.diagnostics_every == 0:
-                with temporary_checkpoint(
-                    rank == 0 and save, model, optimizer, schedule, progress
-                ) as checkpoint:
-                    ray.train.report(dict(latest), checkpoint=checkpoint)
-            if progress.step >= total_steps:
-                break
+        # Every worker reports at the same steps (a barrier): diagnostics steps feed Tune's
+        # schedulers and stoppers; checkpoint steps also carry rank 0's checkpoint, with the
+        # data position every worker agreed on.
+        latest.update({k: metrics[k] for k in REPORTED if k in metrics}, step=progress.step)
+        latest.update(knn_top1=progress.last_knn_top1, nonfinite_steps=progress.nonfinite_total)
+        save = is_due(progress.step, config.checkpoint.every_steps, total_steps)
+        if save or progress.step % config.train.diagnostics_every == 0:
+            report(latest, save, rank, consumed, model, optimizer, schedule, progress)
+        if progress.step >= total_steps:
+            break
+    else:  # the data ran out first (rows dropped as undecodable): the run ends here, everywhere
+        if progress.step < total_steps:
+            if rank == 0:
+                say(
+                    f"[darkmatter] WARNING: the data ended at step {progress.step} of "
+                    f"{total_steps} (undecodable images leave epochs short); the run ends here"
+                )
+            report(latest, True, rank, consumed, model, optimizer, schedule, progress)
 
-    # ---- the end: backbone weights and curves as artifacts ------------------------------------
+    # ---- the end: data coverage, backbone weights and curves as artifacts ---------------------
     if tracker is not None:
+        # Logged with the epoch as the step: one point per epoch read.
+        for epoch, coverage in coverage_metrics(consumed.position, loop.rows_per_epoch).items():
+            tracker.log_metrics(coverage, epoch)
         finish_run(tracker, model, loop.local_dir)
+
+
+def report(
+    latest: dict[str, float],
+    save: bool,
+    rank: int,
+    consumed: ConsumedRows,
+    model: Method,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    progress: Progress,
+) -> None:
+    """``ray.train.report`` on every worker; when ``save``, first agree on the data position,
+    and rank 0 attaches the checkpoint (weights, optimiser, progress, data position)."""
+    position = consumed.sync() if save else None
+    with temporary_checkpoint(
+        rank == 0 and save, model, optimizer, schedule, progress, position
+    ) as checkpoint:
+        ray.train.report(dict(latest), checkpoint=checkpoint)
+
+
+def coverage_metrics(position: DataPosition, rows_per_epoch: int) -> dict[int, dict[str, float]]:
+    """Per epoch read: ``data/epoch_coverage`` (distinct images trained on / images in the
+    epoch) and ``data/repeats`` (images trained on more than once in the epoch)."""
+    return {
+        epoch: {
+            "data/epoch_coverage": position.coverage(epoch, rows_per_epoch),
+            "data/repeats": float(position.repeats(epoch)),
+        }
+        for epoch in sorted(position.epochs)
+    }
 
 
 def place_model(
@@ -254,7 +302,7 @@ def interval_metrics(
     window: ThroughputWindow, optimizer: torch.optim.Optimizer, progress: Progress, loop: LoopConfig
 ) -> dict[str, float]:
     """The metrics logged every ``train.log_every`` steps (rank 0)."""
-    counts = ingest_counts(loop.ingest_counter)
+    counts = ingest_counts(loop.ingest_counter, settle_s=0)
     return {
         "images_decoded": float(counts["decoded"]),
         "images_skipped": float(counts["skipped"]),
@@ -293,11 +341,16 @@ def extract_features(
         images = normalise(batch["image"].to(device), spec.mean, spec.std)
         features.append(model.backbone(images).float().cpu())
         labels.append(batch["label"].long().cpu())
+    if not features:  # an empty shard (fewer rows than workers)
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)
     return torch.cat(features), torch.cat(labels)
 
 
 def online_knn(model: Method, config: RunConfig, device: torch.device) -> float:
-    """Weighted kNN top-1 of the current backbone on the configured labeled splits."""
+    """Weighted kNN top-1 of the current backbone on the configured labeled splits, the same
+    on every rank. Every rank calls it at the same step: each embeds its shard of the bank
+    (at most ``data.knn_bank_max`` images in all) and of the queries, and the neighbours are
+    merged across ranks (``sharded_knn_accuracy``), so no rank waits on another's whole kNN."""
     spec = config.data.recipe.build().views[0]
     was_training = model.training
     model.eval()
@@ -306,7 +359,7 @@ def online_knn(model: Method, config: RunConfig, device: torch.device) -> float:
         model, ray.train.get_dataset_shard("knn_query"), spec, device
     )
     model.train(was_training)
-    return knn_accuracy(
+    return sharded_knn_accuracy(
         bank_x, bank_y, query_x, query_y, config.data.knn_k, config.data.knn_temperature
     )
 

@@ -9,7 +9,6 @@ over ranks brings it back to exactly the single-process gradient.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from ssl_models import functional as F_ssl
 from ssl_models.backbones import Backbone
 from ssl_models.distributed import gather_no_grad, gather_with_grad, is_distributed, rank
 from ssl_models.methods import Method, ViewEncoding, build_method
+from tests.cluster_facts import free_port
 
 WORLD = 2
 N_PER_RANK = 6
@@ -95,12 +95,6 @@ def worker(rank_: int, port: int, out_dir: str) -> None:
         torch.save(results, Path(out_dir) / f"rank{rank_}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

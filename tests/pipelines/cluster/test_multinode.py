@@ -16,13 +16,7 @@ The storage rule itself is unit-tested below on node lists shaped like `ray.node
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +24,8 @@ import pytest
 
 from pipelines.cluster.placement import check_storage_for_nodes
 from pipelines.config import ConfigError, RunConfig, load_config
+from tests.cluster_facts import facts_from_script, free_port
+from tests.cluster_facts import node_args as cluster_node_args
 
 REPO = Path(__file__).resolve().parents[3]
 SAMPLE = REPO / "data" / "cifar10-sample"
@@ -59,21 +55,8 @@ def tiny_config(tmp: Path, name: str, *extra: str) -> RunConfig:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def node_args(**extra: Any) -> dict[str, Any]:
-    """Two CPUs and ports of its own (other Ray clusters may share this machine)."""
-    return {
-        "num_cpus": 2,
-        "dashboard_agent_listen_port": free_port(),
-        "runtime_env_agent_port": free_port(),
-        "metrics_export_port": free_port(),
-        **extra,
-    }
+    return cluster_node_args(2, **extra)
 
 
 def two_node_scenario(tmp: Path) -> dict[str, Any]:
@@ -125,30 +108,7 @@ def two_node_scenario(tmp: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def two_node_facts() -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix="dmnodes-"))
-    env = os.environ | {
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "PYTHONPATH": str(REPO),
-    }
-    env.pop("RAY_ADDRESS", None)
-    try:
-        done = subprocess.run(
-            [sys.executable, __file__, str(tmp)],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=480,
-        )
-        facts_file = tmp / "facts.json"
-        assert done.returncode == 0 and facts_file.exists(), (
-            done.stdout[-3000:] + done.stderr[-5000:]
-        )
-        return json.loads(facts_file.read_text())
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return facts_from_script(__file__, "dmnodes-", timeout=480)
 
 
 def test_training_workers_run_on_two_nodes_and_finish(two_node_facts):

@@ -75,8 +75,18 @@ def test_actor_plan_takes_one_gpu_per_actor_when_there_are_gpus():
     gpu = plan_actors(resources={"CPU": 16.0, "GPU": 2.0})
     assert (gpu.concurrency, gpu.num_gpus) == (2, 1)
     cpu = plan_actors(resources={"CPU": 8.0}, cpus_per_actor=2)
-    assert (cpu.concurrency, cpu.num_gpus, cpu.num_cpus) == (4, 0, 2)
+    assert (cpu.concurrency, cpu.num_gpus, cpu.num_cpus) == (4, 0, 7.75 / 4)
     assert plan_actors(3, resources={"CPU": 8.0}).concurrency == 3
+
+
+def test_actors_leave_the_reads_room_on_a_small_machine():
+    """2 CPUs: the actors together leave a quarter CPU to the reads (two one-CPU actors
+    held both CPUs and the reads never ran)."""
+    for cpus in (1.0, 2.0, 3.0, 16.0):
+        plan = plan_actors(resources={"CPU": cpus})
+        assert plan.concurrency * plan.num_cpus <= cpus - 0.25
+        assert plan.num_cpus <= 1
+    assert plan_actors(resources={"CPU": 2.0}).concurrency == 2
 
 
 def test_random_init_is_the_same_for_every_caller():

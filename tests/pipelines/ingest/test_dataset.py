@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 from ingest_files import encode, random_rgb
 
 from pipelines.ingest.dataset import (
@@ -178,3 +180,29 @@ def test_rows_within_a_unit_get_a_new_order_every_epoch(ray_session, tmp_path):
     assert first == again
     assert first[0] != first[1] and sorted(first[0]) == sorted(first[1])
     assert plain[0] == plain[1] == [f"{path}#{i}" for i in range(64)]
+
+
+def test_the_counter_lives_beside_the_driver_and_restarts(ray_session, corpus):
+    """Counts reach the driver without a blocking call per decode batch: the counter actor
+    runs on the driver's node (a lost worker node cannot take it) and restarts if it dies."""
+    from ray._private import state
+
+    from pipelines.ingest.dataset import ingest_counter
+
+    def actor_info() -> dict:
+        return state.actors()[handle._actor_id.hex()]
+
+    source = ImageSource(str(corpus["folder"]))
+    rows = view_dataset(source, simclr(16), seed=1, counter="t-placement").take_all()
+    assert len(rows) == corpus["n_good"]
+    handle = ingest_counter("t-placement")
+    assert actor_info()["Address"]["NodeID"] == ray.get_runtime_context().get_node_id()
+    assert ingest_counts("t-placement")["decoded"] == corpus["n_good"]
+    ray.kill(handle, no_restart=False)  # its process dies: it comes back (counting from 0)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (
+        actor_info()["NumRestarts"] >= 1 and actor_info()["State"] == "ALIVE"
+    ):
+        time.sleep(0.2)
+    assert actor_info()["NumRestarts"] == 1
+    assert ingest_counts("t-placement")["decoded"] == 0

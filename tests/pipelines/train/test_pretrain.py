@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -138,9 +139,18 @@ def committed_checkpoints(run_dir: Path) -> list[int]:
     return [int(r["metrics"]["step"]) for r in results]
 
 
-def test_killed_worker_restarts_from_the_last_checkpoint(ray_session, tmp_path):
+def test_killed_worker_resumes_the_epoch_where_it_was(ray_session, tmp_path):
+    """SIGKILL a training worker mid-epoch in a one-epoch run: the run restarts from the last
+    committed checkpoint and continues the epoch there; every image is trained on once."""
     config = tiny_run(
-        tmp_path, "fault", "checkpoint.max_failures=2", "checkpoint.every_steps=2", steps=14
+        tmp_path,
+        "fault",
+        "schedule.steps=null",
+        "schedule.epochs=1",
+        "train.batch_size=40",  # 2000 images: 50 steps, no remainder
+        "data.train.rows_per_unit=500",  # 4 read tasks
+        "checkpoint.max_failures=2",
+        "checkpoint.every_steps=10",
     )
     run_dir = tmp_path / "runs" / "fault"
     killed: list[tuple[int, list[int]]] = []
@@ -162,12 +172,16 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_session, tmp_path):
     killer.join(timeout=5)
     assert killed, "no training worker was found to kill"
     committed_at_kill = killed[0][1]
-    assert result.steps == 14
+    assert result.steps == 50
     client, run = mlflow_run(config)
     resumed_from = int(run.data.tags["resumed_from_step"])
     # Restarted from a committed checkpoint: the one seen at the kill or a later one.
-    assert resumed_from >= max(committed_at_kill) > 0
-    assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == 14
+    assert 50 > resumed_from >= max(committed_at_kill) > 0
+    assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == 50
+    coverage = client.get_metric_history(run.info.run_id, "data/epoch_coverage")
+    repeats = client.get_metric_history(run.info.run_id, "data/repeats")
+    assert [(m.step, m.value) for m in coverage] == [(0, 1.0)]
+    assert [(m.step, m.value) for m in repeats] == [(0, 0.0)]
 
 
 def test_unreachable_mlflow_does_not_stop_training(ray_session, tmp_path):
@@ -204,3 +218,35 @@ def test_bad_config_is_refused_before_ray_starts(tmp_path, capsys):
 @pytest.mark.parametrize("config_file", ["demo.yaml"])
 def test_cli_parses_ready_configs(config_file):
     assert load_config(REPO / "configs" / config_file).train.num_workers == 2
+
+
+def test_data_that_ends_short_ends_the_run_instead_of_rereading_epoch_0(ray_session, tmp_path):
+    """50 files of which 10 are not images: the plan counts 50 (3 steps of 16), the data
+    holds 40 (2 steps). The run ends after 2 steps with a warning, on every worker."""
+    from PIL import Image
+
+    folder = tmp_path / "short"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"good_{i:02d}.jpg", quality=90)
+    for i in range(10):
+        (folder / f"bad_{i:02d}.jpg").write_bytes(b"<html>not an image</html>")
+    config = tiny_run(
+        tmp_path,
+        "short",
+        f"data.train.path={folder}",
+        "data.knn_bank=null",
+        "data.knn_query=null",
+        "schedule.steps=null",
+        "schedule.epochs=1",
+        "train.batch_size=16",
+        "train.num_workers=1",
+    )
+    result = run_pretraining(config)
+    assert result.steps == 2
+    assert result.ingest["skipped_by_reason"] == {"not_an_image": 10}
+    client, run = mlflow_run(config)
+    coverage = client.get_metric_history(run.info.run_id, "data/epoch_coverage")
+    assert [(m.step, m.value) for m in coverage] == [(0, 32 / 50)]

@@ -85,6 +85,11 @@ class Backbone(nn.Module):
         return encoder.ln(encoder.layers(encoder.dropout(x)))
 
 
+def is_vit(backbone: Backbone) -> bool:
+    """A vision transformer (patch tokens), as opposed to a convolutional network."""
+    return backbone.patch_size is not None
+
+
 def visible_patches(mask: torch.Tensor) -> torch.Tensor:
     """The indices of the visible patches of each row, in grid order: (N, T) bool mask
     (True = hidden) -> (N, K) long, the ``keep`` of ``Backbone.tokens``.

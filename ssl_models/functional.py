@@ -46,7 +46,9 @@ def batch_standardise(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return (z - z.mean(dim=0)) / torch.sqrt(z.var(dim=0, unbiased=False) + eps)
 
 
-def barlow_twins(z1: torch.Tensor, z2: torch.Tensor, lambda_offdiag: float = 5e-3) -> torch.Tensor:
+def barlow_twins(
+    z1: torch.Tensor, z2: torch.Tensor, lambda_offdiag: float = 0.0051
+) -> torch.Tensor:
     """Barlow Twins' redundancy-reduction loss (Zbontar et al. 2021, eq. 1-2).
 
     The cross-correlation of the batch-standardised embeddings (official code:

@@ -13,7 +13,8 @@ from pipelines.config import OptimConfig
 class LARS(torch.optim.Optimizer):
     """Layer-wise adaptive rate scaling (You et al. 2017), as used by SimCLR, BYOL and
     Barlow Twins for large batches: each parameter's update is scaled by
-    eta * ||w|| / ||g + wd w||. Groups with ``lars_exclude=True`` (norms, biases) get
+    eta * ||w|| / ||g + wd w||, eta = 0.001 as in google-research/simclr
+    ``lars_optimizer.py`` (EETA_DEFAULT) and facebookresearch/barlowtwins ``main.py``. Groups with ``lars_exclude=True`` (norms, biases) get
     neither adaptation nor weight decay (Grill et al. 2020, appendix C.1).
     """
 
@@ -69,15 +70,23 @@ def scaled_lr(config: OptimConfig, global_batch_size: int) -> float:
     return config.base_lr * factor
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Norm layers and biases (1-D parameters) get no weight decay and no LARS adaptation."""
+def parameter_groups(
+    model: nn.Module, weight_decay: float, lr: float, bias_lr_ratio: float = 1.0
+) -> list[dict]:
+    """Norm layers and biases (1-D parameters) get no weight decay and no LARS adaptation,
+    and ``bias_lr_ratio`` times the weights' learning rate (Barlow Twins: 0.0048 / 0.2)."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim <= 1 else decay).append(param)
     return [
-        {"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
-        {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
+        {"params": decay, "weight_decay": weight_decay, "lars_exclude": False, "lr": lr},
+        {
+            "params": no_decay,
+            "weight_decay": 0.0,
+            "lars_exclude": True,
+            "lr": lr * bias_lr_ratio,
+        },
     ]
 
 
@@ -85,7 +94,10 @@ def build_optimizer(
     model: nn.Module, config: OptimConfig, global_batch_size: int
 ) -> torch.optim.Optimizer:
     lr = scaled_lr(config, global_batch_size)
-    groups = parameter_groups(model, config.weight_decay)
+    ratio = config.bias_lr_ratio
+    if ratio is None:  # the method's published ratio (1 unless its authors' code differs)
+        ratio = getattr(model, "bias_lr_ratio", 1.0)
+    groups = parameter_groups(model, config.weight_decay, lr, ratio)
     if config.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=config.momentum)
     if config.name == "adamw":

@@ -12,13 +12,16 @@ from ssl_models.methods.base import JointEmbedding, ViewEncoding
 class BarlowTwins(JointEmbedding):
     name = "barlow_twins"
     anti_collapse = "regulariser"
+    # facebookresearch/barlowtwins main.py: biases and BN parameters learn at
+    # --learning-rate-biases 0.0048 against --learning-rate-weights 0.2.
+    bias_lr_ratio = 0.0048 / 0.2
 
     def __init__(
         self,
         backbone: Backbone,
         proj_hidden_dim: int = 8192,
         proj_dim: int = 8192,
-        lambda_offdiag: float = 5e-3,
+        lambda_offdiag: float = 0.0051,  # facebookresearch/barlowtwins main.py --lambd
         gather: bool = True,
     ) -> None:
         super().__init__(backbone)

@@ -66,6 +66,9 @@ class Method(nn.Module):
     name: ClassVar[str]
     anti_collapse: ClassVar[str]
     recipe: ClassVar[str] = "simclr"
+    # Learning rate of biases and norm parameters relative to the weights' (the optimiser's
+    # default when the config leaves optim.bias_lr_ratio unset).
+    bias_lr_ratio: ClassVar[float] = 1.0
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
@@ -96,8 +99,18 @@ class JointEmbedding(Method):
     Subclasses define ``encode`` (one view -> ViewEncoding), ``pair_loss`` (two encodings
     -> scalar) and ``pair_energy`` (two encodings -> (N,) energies, low = compatible).
     Views beyond the first two (multi-crop's local views) are paired with both global
-    views and the pair losses averaged (Caron et al. 2020, sec. 3.3).
+    views (Caron et al. 2020, sec. 3.3). Methods with a target branch (EMA or
+    stop-gradient: BYOL, MoCo v3, SimSiam) define ``directed_loss(query, target)``, with
+    ``pair_loss(a, b) == directed_loss(a, b) + directed_loss(b, a)``: a local view is then
+    only a query and the targets are the global views (SwAV's and DINO's rule: DINO
+    ``main_dino.py`` ``DINOLoss`` takes teacher outputs of the 2 global crops only); the
+    loss is twice the mean of the directed terms, so two views give ``pair_loss``. The
+    others average the pair losses.
     """
+
+    def directed_loss(self, query: ViewEncoding, target: ViewEncoding) -> torch.Tensor:
+        """The loss of predicting ``target``'s branch from ``query`` (target-branch methods)."""
+        raise NotImplementedError
 
     def encode(self, x: torch.Tensor) -> ViewEncoding:
         raise NotImplementedError
@@ -117,8 +130,15 @@ class JointEmbedding(Method):
         if len(views) < 2:
             raise ValueError(f"{self.name}: needs at least 2 views, got {len(views)}")
         encodings = [self.encode(v) for v in views]
-        pairs = [(0, 1)] + [(g, j) for j in range(2, len(views)) for g in (0, 1)]
-        loss = torch.stack([self.pair_loss(encodings[i], encodings[j]) for i, j in pairs]).mean()
+        locals_ = range(2, len(views))
+        if len(views) > 2 and type(self).directed_loss is not JointEmbedding.directed_loss:
+            directed = [(0, 1), (1, 0)] + [(j, g) for j in locals_ for g in (0, 1)]
+            terms = [self.directed_loss(encodings[q], encodings[t]) for q, t in directed]
+            loss = 2 * torch.stack(terms).mean()
+        else:
+            pairs = [(0, 1)] + [(g, j) for j in locals_ for g in (0, 1)]
+            terms = [self.pair_loss(encodings[i], encodings[j]) for i, j in pairs]
+            loss = torch.stack(terms).mean()
         a, b = encodings[0], encodings[1]
         return StepOutput(loss, a.embedding.detach(), state=(a, b))
 

@@ -33,11 +33,13 @@ class BYOL(JointEmbedding):
         z = self.projector(self.backbone(x))
         return ViewEncoding(z, prediction=self.predictor(z), target=self.teacher(x))
 
+    def directed_loss(self, query: ViewEncoding, target: ViewEncoding):
+        # 2 - 2 cos(q, z') (eq. 2).
+        return 2 + 2 * F_ssl.negative_cosine(query.prediction, target.target)
+
     def pair_loss(self, a: ViewEncoding, b: ViewEncoding):
-        # 2 - 2 cos(q, z') per direction (eq. 2), symmetrised (eq. 3).
-        loss_ab = 2 + 2 * F_ssl.negative_cosine(a.prediction, b.target)
-        loss_ba = 2 + 2 * F_ssl.negative_cosine(b.prediction, a.target)
-        return loss_ab + loss_ba
+        # Symmetrised (eq. 3).
+        return self.directed_loss(a, b) + self.directed_loss(b, a)
 
     def pair_energy(self, a: ViewEncoding, b: ViewEncoding):
         return 2 * cosine_energy(a.prediction, b.target)

@@ -16,13 +16,23 @@ class SimCLR(JointEmbedding):
     def __init__(
         self,
         backbone: Backbone,
-        proj_hidden_dim: int = 2048,
+        proj_hidden_dim: int | None = None,
         proj_dim: int = 128,
         temperature: float = 0.1,
         gather: bool = True,
     ) -> None:
+        """``proj_hidden_dim`` None: the backbone's feature dimension (google-research/simclr
+        ``model_util.py``, ``projection_head``: ``mid_dim = hiddens.shape[-1]``); every layer
+        has BN, the output's a scale without a shift (``center=False``: no bias)."""
         super().__init__(backbone)
-        self.projector = mlp(backbone.feature_dim, [proj_hidden_dim], proj_dim)
+        hidden = proj_hidden_dim or backbone.feature_dim
+        self.projector = mlp(
+            backbone.feature_dim,
+            [hidden],
+            proj_dim,
+            last_bn=True,
+            last_bn_center=False,
+        )
         self.temperature = temperature
         self.gather = gather
 

@@ -34,12 +34,12 @@ class SimSiam(JointEmbedding):
         z = self.projector(self.backbone(x))
         return ViewEncoding(z, prediction=self.predictor(z), target=z.detach())
 
+    def directed_loss(self, query: ViewEncoding, target: ViewEncoding):
+        return F_ssl.negative_cosine(query.prediction, target.target) / 2
+
     def pair_loss(self, a: ViewEncoding, b: ViewEncoding):
         # D(p1, stopgrad(z2)) / 2 + D(p2, stopgrad(z1)) / 2 (Algorithm 1).
-        return (
-            F_ssl.negative_cosine(a.prediction, b.target)
-            + F_ssl.negative_cosine(b.prediction, a.target)
-        ) / 2
+        return self.directed_loss(a, b) + self.directed_loss(b, a)
 
     def pair_energy(self, a: ViewEncoding, b: ViewEncoding):
         return cosine_energy(a.prediction, b.target)

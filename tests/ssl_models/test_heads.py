@@ -41,6 +41,14 @@ def test_last_bn_replaces_the_output_bias_and_keeps_affine_by_default():
     assert head[-2].bias is None  # BN right after: the bias would be cancelled
 
 
+def test_last_bn_without_center_learns_a_scale_and_no_shift():
+    head = mlp(16, [32], 8, last_bn=True, last_bn_center=False)
+    bn = head[-1]
+    assert bn.weight.requires_grad and not bn.bias.requires_grad
+    head(torch.randn(8, 16)).sum().backward()
+    assert bn.bias.grad is None and bn.weight.grad is not None
+
+
 def test_last_bn_without_affine_standardises_the_output():
     torch.manual_seed(0)
     head = mlp(16, [32], 8, last_bn=True, last_bn_affine=False).train()
@@ -62,9 +70,12 @@ def test_non_positive_dimensions_are_refused(in_dim, hidden, out_dim):
 
 
 # Default heads of each method on a ResNet-50 (d = 2048), as each paper's official code has them:
-# Linear shapes of the projector and predictor, and the output BN (None, "affine" or "plain").
+# Linear shapes of the projector and predictor, and the output BN (None, "affine", "scale"
+# (affine without a shift) or "plain" (no affine)).
 PAPER_HEADS = {
-    "simclr": ([(2048, 2048), (2048, 128)], None, None, None),
+    # google-research/simclr model_util.py projection_head: hidden = d, BN on every layer,
+    # the output's with center=False.
+    "simclr": ([(2048, 2048), (2048, 128)], "scale", None, None),
     "byol": ([(2048, 4096), (4096, 256)], None, [(256, 4096), (4096, 256)], None),
     "simsiam": (
         [(2048, 2048), (2048, 2048), (2048, 2048)],
@@ -72,23 +83,33 @@ PAPER_HEADS = {
         [(2048, 512), (512, 2048)],
         None,
     ),
-    "mocov3": (
-        [(2048, 4096), (4096, 4096), (4096, 256)],
-        "plain",
-        [(256, 4096), (4096, 256)],
-        "plain",
-    ),
+    # facebookresearch/moco-v3 moco/builder.py MoCo_ResNet: 2-layer projector with the
+    # output BN (no affine), 2-layer predictor without one (`_build_mlp(2, ..., False)`).
+    "mocov3": ([(2048, 4096), (4096, 256)], "plain", [(256, 4096), (4096, 256)], None),
     "barlow_twins": ([(2048, 8192), (8192, 8192), (8192, 8192)], None, None, None),
     "vicreg": ([(2048, 8192), (8192, 8192), (8192, 8192)], None, None, None),
     "siamese": ([(2048, 2048), (2048, 128)], None, None, None),
 }
 
 
+def test_mocov3_on_a_vit_takes_the_vit_heads():
+    """MoCo_ViT: 3-layer projector, predictor with the output BN, temperature 0.2."""
+    backbone = Backbone("vit-like", nn.Flatten(), 384)
+    backbone.patch_size = 16
+    with torch.device("meta"):
+        method = build_method("mocov3", backbone)
+    assert linear_shapes(method.projector) == [(384, 4096), (4096, 4096), (4096, 256)]
+    assert output_bn(method.predictor) == "plain"
+    assert method.temperature == 0.2
+
+
 def output_bn(head: nn.Sequential) -> str | None:
     last = head[-1]
     if not isinstance(last, nn.BatchNorm1d):
         return None
-    return "affine" if last.affine else "plain"
+    if not last.affine:
+        return "plain"
+    return "affine" if last.bias.requires_grad else "scale"
 
 
 def test_every_method_has_its_paper_heads_listed():

@@ -196,12 +196,45 @@ def test_multi_crop_pairs_local_views_with_both_global_views(name):
     out.loss.backward()
     assert all(p.grad is not None for p in method.backbone.parameters())
 
-    # Same loss by hand: (0, 1), then each local view with each global view, never local-local.
+    # Same loss by hand. Symmetric methods: the pair losses of (0, 1) and of each local view
+    # with each global view, never local-local. Methods with a target branch: local views
+    # are queries only, the targets always global (DINO/SwAV): 2 x the mean directed term.
     with torch.no_grad():
         enc = [method.encode(v) for v in all_views]
-        pairs = [(0, 1), (0, 2), (1, 2), (0, 3), (1, 3)]
-        expected = torch.stack([method.pair_loss(enc[i], enc[j]) for i, j in pairs]).mean()
+        if name in TARGET_BRANCH:
+            directed = [(0, 1), (1, 0), (2, 0), (2, 1), (3, 0), (3, 1)]
+            terms = [method.directed_loss(enc[q], enc[t]) for q, t in directed]
+            expected = 2 * torch.stack(terms).mean()
+            # Two views: the same as the symmetric pair loss.
+            two = method(Batch(global_views)).loss
+            torch.testing.assert_close(two, method.pair_loss(enc[0], enc[1]))
+        else:
+            pairs = [(0, 1), (0, 2), (1, 2), (0, 3), (1, 3)]
+            expected = torch.stack([method.pair_loss(enc[i], enc[j]) for i, j in pairs]).mean()
     torch.testing.assert_close(out.loss.detach(), expected)
+
+
+TARGET_BRANCH = ("byol", "mocov3", "simsiam")
+
+
+def test_a_local_view_is_never_a_target():
+    """Changing what the target branch makes of a local view leaves the loss alone."""
+    method = small_method("byol").train()
+    all_views = views(side=16, count=2, seed=1) + views(side=8, count=2, seed=2)
+    torch.manual_seed(0)
+    base = method(Batch(all_views)).loss.detach()
+    teacher = method.teacher
+
+    def forward_scrambling_locals(x):
+        out = teacher_forward(x)
+        return torch.randn_like(out) if x.shape[-1] == 8 else out
+
+    teacher_forward = teacher.forward
+    teacher.forward = forward_scrambling_locals
+    torch.manual_seed(0)
+    scrambled = method(Batch(all_views)).loss.detach()
+    teacher.forward = teacher_forward
+    torch.testing.assert_close(scrambled, base)
 
 
 @pytest.mark.parametrize("count", [0, 1])
@@ -235,7 +268,7 @@ def test_options_reach_the_method():
     assert options["temperature"] == 0.1 and options["gather"] is True
     method = build_method("simclr", tiny_backbone(), temperature=0.5, gather=False, proj_dim=16)
     assert method.temperature == 0.5 and method.gather is False
-    assert method.projector[-1].out_features == 16
+    assert method.projector[-2].out_features == 16  # then the output BN
 
 
 @pytest.mark.parametrize("name", ALL)

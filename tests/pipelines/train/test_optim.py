@@ -20,7 +20,7 @@ def test_lr_scales_with_global_batch():
 
 def test_norms_and_biases_get_no_decay_or_adaptation():
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
-    decay, no_decay = parameter_groups(model, weight_decay=0.1)
+    decay, no_decay = parameter_groups(model, weight_decay=0.1, lr=1.0)
     assert {p.ndim for p in decay["params"]} == {2}
     assert {p.ndim for p in no_decay["params"]} == {1}
     assert no_decay["weight_decay"] == 0.0 and no_decay["lars_exclude"]

@@ -28,7 +28,7 @@ from pipelines.evaluate.inference import (
     resolve_checkpoint,
 )
 from pipelines.ingest.dataset import eval_image_dataset, ingest_counts
-from pipelines.ingest.sources import ImageSource, plan_units
+from pipelines.ingest.sources import ImageSource, count_read_units
 from pipelines.tracking import default_tracking_uri
 
 
@@ -71,7 +71,7 @@ def embed_corpus(
         checkpoint.state_dict,
         batch_size=batch_size,
         concurrency=concurrency,
-        max_actors=len(plan_units(source)[1]),
+        max_actors=count_read_units(source),
         arrow_output=True,
     ).write_parquet(str(out_dir))
     seconds = time.perf_counter() - started

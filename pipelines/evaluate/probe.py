@@ -42,7 +42,7 @@ from pipelines.evaluate.reports import (
 )
 from pipelines.ingest.dataset import eval_image_dataset, ingest_counts, resize_center_crop
 from pipelines.ingest.decode import UndecodableImage, decode_pil
-from pipelines.ingest.sources import ImageSource, plan_units, read_raw
+from pipelines.ingest.sources import ImageSource, count_read_units, read_raw
 from pipelines.tracking import default_tracking_uri, get_or_create_experiment, redact_uri
 from ssl_models.probes import knn_accuracy, linear_probe, low_label_probe
 
@@ -80,7 +80,7 @@ def split_features(
         checkpoint.state_dict,
         batch_size=batch_size,
         concurrency=concurrency,
-        max_actors=len(plan_units(source)[1]),
+        max_actors=count_read_units(source),
     )
     features, labels, keys = gather_features(embedded, with_keys=True)
     return features, labels, keys or [], ingest_counts(counter)

@@ -73,7 +73,8 @@ def _sorted_files(paths: list[str], sizes: list[int], roots: list[int]) -> pa.Ta
     return table.sort_by([("root", "ascending"), ("path", "ascending")])
 
 
-@ray.remote(num_cpus=_LIST_CPUS)
+# "DEFAULT": never captured by a caller's placement group (a Tune trial's holds no CPU for it).
+@ray.remote(num_cpus=_LIST_CPUS, scheduling_strategy="DEFAULT")
 def list_directories(
     fs: pafs.FileSystem,
     entries: list[tuple[str, int]],
@@ -239,7 +240,8 @@ def parquet_footers(fs: pafs.FileSystem, paths: Sequence[str]) -> list[dict[str,
         return list(pool.map(footer, paths))
 
 
-@ray.remote(num_cpus=_LIST_CPUS)
+# "DEFAULT": never captured by a caller's placement group (a Tune trial's holds no CPU for it).
+@ray.remote(num_cpus=_LIST_CPUS, scheduling_strategy="DEFAULT")
 def read_footers(fs: pafs.FileSystem, paths: list[str]) -> list[dict[str, Any]]:
     return parquet_footers(fs, paths)
 

@@ -119,7 +119,8 @@ def _format_of(fmt: str, extensions: dict[str, int]) -> str:
     return "folder"
 
 
-@ray.remote(num_cpus=_LIST_CPUS)
+# "DEFAULT": never captured by a caller's placement group (a Tune trial's holds no CPU for it).
+@ray.remote(num_cpus=_LIST_CPUS, scheduling_strategy="DEFAULT")
 def write_shards(
     out_fs: pafs.FileSystem,
     out: str,

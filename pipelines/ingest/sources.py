@@ -330,6 +330,15 @@ def count_rows(source: ImageSource) -> int | None:
     return sum(unit["rows"] for unit in units)
 
 
+def count_read_units(source: ImageSource) -> int:
+    """Read units of `source` (an upper bound on the tasks that can work at once). From a
+    manifest, estimated from its marker (rows / rows_per_unit) without reading its shards."""
+    manifest = open_manifest(source)
+    if manifest is not None:
+        return max(1, -(-manifest.rows // source.rows_per_unit))
+    return len(plan_units(source)[1])
+
+
 # --- manifests -------------------------------------------------------------------
 
 # Read planning from a manifest: each epoch, the shards are dealt (in an order drawn from

@@ -1,25 +1,27 @@
-"""Representation quality per CPU-minute on the full CIFAR-10: kNN top-1 after a fixed
-wall-clock budget of pretraining, beside the pixel-space and random-init baselines.
+"""Representation quality per CPU-minute on the full CIFAR-10, through the product:
+``darkmatter pretrain`` with a wall-clock budget (``schedule.max_minutes``) on the five
+train shards, then ``darkmatter eval`` of the backbone it wrote, beside the pixel-space
+and random-init baselines.
 
     .venv/bin/python benchmarks/cifar10_quality.py                      # 20 min, simclr
     .venv/bin/python benchmarks/cifar10_quality.py --methods simclr,byol --budget-min 20
 
-Protocol: weighted kNN (Wu et al. 2018: cosine, k=200, T=0.1) of the backbone's
-features, the 50,000 train images as the bank, the 10,000 test images as queries,
-no augmentation; the pixel baseline is the same kNN on the per-channel normalised
-pixels. Pretraining runs in this process, not on Ray: on a 2-core machine the goal
-is the highest step rate, so the images are decoded once into memory, the SimCLR
-views (Chen et al. 2020: flip, colour jitter 0.8 / grayscale 0.2, no blur at 32 px;
-crop scale (0.2, 1) here, which learns faster in short runs than (0.08, 1)) plus
-`--local-crops` SwAV multi-crop views (Caron et al. 2020) are drawn batched
-(random-resized crops as one ``roi_align``, the colour half with
-``pipelines.ingest.photometric``), the backbone is ``resnet18_3stage`` (see
-``ssl_models.backbones``), the matmuls run in bfloat16 channels-last where the CPU
-has AMX/AVX-512 BF16, and the learning rate follows a cosine over the wall-clock
-budget (Loshchilov & Hutter 2017), so that every budget ends annealed. The methods,
-backbones and probes are the project's own (``ssl_models``). Figures and how each
-default was chosen: docs/RESULTS.md. The last line is JSON: budget_min, pixel_knn,
-random_knn, best_method, best_knn.
+Each method runs as a user runs it: ``darkmatter pretrain --config C`` where C is
+``configs/simclr_cifar10_budget.yaml`` (``resnet18_3stage``, batch 128, two 32 px and
+four 16 px views, SGD lr 0.6 x batch/256, a cosine over the budget) with the method,
+the train shards and ``--set`` overrides written in, then ``darkmatter eval BACKBONE
+--train <train shards> --test <test shard> --json``: weighted kNN (Wu et al. 2018:
+cosine, k=200, T=0.1, the 50,000 train images as the bank, the 10,000 test images as
+queries), a linear probe, and linear probes on 1% / 10% of the labels. The pixel
+baseline is the same kNN on the per-channel normalised pixels; the random-init one on a
+freshly initialised backbone (both computed here, in-process).
+
+``--loop-steps N`` also times N steps of a plain in-process PyTorch loop on the same
+model, views and batch (images decoded once into memory, views drawn batched with
+``roi_align``), the loop that made this project's first quality figure: its img/s is
+printed beside the product's, as a ratio. Figures and how each default was chosen:
+docs/RESULTS.md. The last line is JSON: budget_min, pixel_knn, random_knn, best_method,
+best_knn, and per method its probes, steps and img/s.
 """
 
 from __future__ import annotations
@@ -29,25 +31,34 @@ import dataclasses
 import io
 import json
 import math
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+import yaml
 from PIL import Image
 from torchvision.ops import roi_align
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _cifar import add_data_argument, cifar_files  # noqa: E402
+from _machine import cpu_model  # noqa: E402
 
 from pipelines.ingest.photometric import normalise, photometric  # noqa: E402
 from pipelines.ingest.recipes import simclr  # noqa: E402
+from pipelines.train.precision import cpu_has_fast_bf16  # noqa: E402
 from ssl_models.backbones import build_backbone  # noqa: E402
 from ssl_models.methods import Batch, build_method  # noqa: E402
 from ssl_models.probes import knn_accuracy  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BUDGET_CONFIG = REPO / "configs" / "simclr_cifar10_budget.yaml"
+DARKMATTER = Path(sys.executable).parent / "darkmatter"
 
 # Per-method options for a short CPU run: small projectors, published temperatures.
 METHOD_OPTIONS: dict[str, dict] = {
@@ -126,30 +137,23 @@ def features(model: torch.nn.Module, images: torch.Tensor, spec, autocast) -> to
     return torch.cat(out)
 
 
-def pretrain(
-    method_name: str,
-    args: argparse.Namespace,
-    train_x: torch.Tensor,
-    autocast,
-) -> tuple[torch.nn.Module, int, float]:
-    """Pretrain for ``args.budget_min`` wall-clock minutes; (backbone, steps, seconds)."""
+def loop_throughput(
+    method_name: str, args: argparse.Namespace, train_x: torch.Tensor, autocast
+) -> float:
+    """img/s of ``args.loop_steps`` steps of the plain in-process loop (after 5 warm-up
+    steps) on the product's model, views and batch: the baseline of the product's rate."""
     torch.manual_seed(args.seed)
-    backbone = build_backbone(args.backbone, args.stem == "small", 32)
+    backbone = build_backbone(args.backbone, True, 32)
     method = build_method(method_name, backbone, **METHOD_OPTIONS.get(method_name, {}))
     method = method.to(memory_format=torch.channels_last)
-    spec = dataclasses.replace(simclr(32).views[0], scale=(args.min_scale, 1.0))
-    lr = args.lr * args.batch_size / 256
-    optimizer = torch.optim.SGD(method.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    spec = dataclasses.replace(simclr(32).views[0], scale=(0.2, 1.0))
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     generator = torch.Generator().manual_seed(args.seed)
-    budget = args.budget_min * 60
     method.train()
-    started = time.perf_counter()
-    step, losses = 0, []
-    while (elapsed := time.perf_counter() - started) < budget:
-        progress = elapsed / budget
-        warmup = min(1.0, (step + 1) / args.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * warmup * 0.5 * (1 + math.cos(math.pi * progress))
+    started = 0.0
+    for step in range(5 + args.loop_steps):
+        if step == 5:
+            started = time.perf_counter()
         index = torch.randint(len(train_x), (args.batch_size,), generator=generator)
         views = make_views(train_x[index], spec, generator, args)
         with autocast():
@@ -157,17 +161,74 @@ def pretrain(
         optimizer.zero_grad(set_to_none=True)
         output.loss.backward()
         optimizer.step()
-        method.update_teacher(progress)
-        losses.append(output.loss.item())
-        step += 1
-        if step % args.log_every == 0:
-            print(
-                f"  {method_name} step {step}  {elapsed / 60:.1f} min  "
-                f"loss {np.mean(losses[-args.log_every :]):.3f}  "
-                f"{args.batch_size * step / elapsed:.0f} img/s",
-                flush=True,
-            )
-    return backbone.model, step, time.perf_counter() - started
+        method.update_teacher(step / (5 + args.loop_steps))
+    return args.batch_size * args.loop_steps / (time.perf_counter() - started)
+
+
+def product_config(method_name: str, args: argparse.Namespace, out: Path) -> Path:
+    """``configs/simclr_cifar10_budget.yaml`` for ``method_name`` on the full train shards."""
+    config = yaml.safe_load(BUDGET_CONFIG.read_text())
+    config["name"] = f"quality-{method_name}-seed{args.seed}"
+    config["method"] = {"name": method_name, "options": METHOD_OPTIONS[method_name]}
+    config["data"]["train"]["path"] = [str(f) for f in cifar_files("train-*.parquet", args.data)]
+    config["data"]["num_images"] = None
+    config["schedule"] = {"max_minutes": args.budget_min}
+    config["train"].update(
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        seed=args.seed,
+        precision="fp32" if args.no_bf16 else "auto",
+    )
+    config["checkpoint"]["storage_path"] = str(out / "runs")
+    config["tracking"] = {"tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "quality"}
+    path = out / f"{method_name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_cli(command: list[str], log: Path) -> None:
+    """Run ``darkmatter ...`` as a user would, its console echoed as it comes (stderr into
+    ``log``); exit with that log's tail on failure."""
+    print("$ " + " ".join(command), flush=True)
+    with log.open("w") as errors:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True)
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.strip():
+                print("  " + line.rstrip(), flush=True)
+    if process.wait() != 0:
+        sys.exit(
+            f"{' '.join(command[:2])} failed ({process.returncode}):\n{log.read_text()[-3000:]}"
+        )
+
+
+def product_run(method_name: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
+    """``darkmatter pretrain`` for the budget, then ``darkmatter eval``: the probes, the
+    steps taken and the training img/s (from the run's metrics.jsonl)."""
+    config = product_config(method_name, args, out)
+    run_cli([str(DARKMATTER), "pretrain", "--config", str(config)], out / f"{method_name}.log")
+    run_dir = out / "runs" / f"quality-{method_name}-seed{args.seed}" / "darkmatter"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    intervals = [r for r in records if "img_per_s" in r]
+    steps = max(r["step"] for r in records)
+    if len(intervals) >= 2:  # from the end of the first interval (past the warm-up) to the last
+        first, last = intervals[0], intervals[-1]
+        rate = (last["step"] - first["step"]) * args.batch_size / (last["time"] - first["time"])
+    else:
+        rate = intervals[0]["img_per_s"] if intervals else 0.0
+    results_file = out / f"{method_name}_eval.json"
+    train = ",".join(str(f) for f in cifar_files("train-*.parquet", args.data))
+    test = ",".join(str(f) for f in cifar_files("test-*.parquet", args.data))
+    run_cli(
+        [
+            str(DARKMATTER), "eval", str(run_dir / "backbone.pt"),
+            "--train", train, "--test", test, "--json", str(results_file), "--no-mlflow",
+        ],
+        out / f"{method_name}_eval.log",
+    )  # fmt: skip
+    results = json.loads(results_file.read_text())
+    return {**results, "steps": steps, "img_per_s": rate}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,34 +237,26 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-min", type=float, default=20.0, help="pretraining minutes per method"
     )
     parser.add_argument("--methods", default="simclr", help="comma-separated ssl_models methods")
-    parser.add_argument("--backbone", default="resnet18_3stage", help="ssl_models.backbones name")
-    parser.add_argument(
-        "--stem",
-        choices=("small", "imagenet"),
-        default="small",
-        help="small-image stem (ssl_models.backbones) or the ImageNet one",
-    )
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers")
     parser.add_argument(
-        "--min-scale", type=float, default=0.2, help="random-resized-crop scale low end"
+        "--cpus-per-worker", type=int, default=2, help="CPUs (torch threads) per worker"
     )
-    parser.add_argument("--local-crops", type=int, default=4, help="multi-crop: small views")
+    parser.add_argument("--no-bf16", action="store_true", help="fp32 even where bf16 is native")
+    parser.add_argument(
+        "--loop-steps",
+        type=int,
+        default=100,
+        help="steps of the plain in-process loop timed as the throughput baseline (0: none)",
+    )
+    parser.add_argument("--local-crops", type=int, default=4, help="(in-process loop) local views")
     parser.add_argument("--local-size", type=int, default=16)
     parser.add_argument("--local-max-scale", type=float, default=0.3)
-    parser.add_argument("--lr", type=float, default=0.6, help="SGD learning rate per 256 images")
-    parser.add_argument("--warmup-steps", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--no-bf16", action="store_true", help="fp32 matmuls")
-    parser.add_argument(
-        "--train-limit", type=int, help="use only the first N train images (smoke runs)"
-    )
-    parser.add_argument(
-        "--test-limit", type=int, help="use only the first N test images (smoke runs)"
-    )
-    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--backbone", default="resnet18_3stage", help="(baselines) backbone")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="runs, configs, results (default: a temp dir)")
     parser.add_argument(
-        "--save-dir", help="write <dir>/<method>/backbone.pt (for darkmatter eval / embed)"
+        "--test-limit", type=int, help="baselines on only the first N images (smoke runs)"
     )
     add_data_argument(parser)
     args = parser.parse_args(argv)
@@ -211,23 +264,27 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in methods if m not in METHOD_OPTIONS]
     if unknown:
         parser.error(f"--methods: unknown {unknown}; accepted: {sorted(METHOD_OPTIONS)}")
+    out = args.out or Path(tempfile.mkdtemp(prefix="cifar10_quality_"))
+    out.mkdir(parents=True, exist_ok=True)
 
-    torch.set_num_threads(args.threads)
+    bf16 = not args.no_bf16 and cpu_has_fast_bf16()
 
     def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16)
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
     started = time.perf_counter()
-    train_x, train_y = load_split(args.data, "train-*.parquet", args.train_limit)
-    test_x, test_y = load_split(args.data, "test-*.parquet", args.test_limit)
+    limit = args.test_limit
+    train_x, train_y = load_split(args.data, "train-*.parquet", limit)
+    test_x, test_y = load_split(args.data, "test-*.parquet", limit)
     print(
-        f"CIFAR-10: {len(train_x)} train / {len(test_x)} test images decoded in "
-        f"{time.perf_counter() - started:.0f} s; {args.threads} threads, "
-        f"{'fp32' if args.no_bf16 else 'bf16 autocast'}",
+        f"CPU: {cpu_model()}, {torch.get_num_threads()} threads, "
+        f"{'bf16 autocast' if bf16 else 'fp32'}; CIFAR-10: {len(train_x)} train / "
+        f"{len(test_x)} test images decoded in {time.perf_counter() - started:.0f} s; "
+        f"runs in {out}",
         flush=True,
     )
     spec = simclr(32).views[0]
-    rows: list[tuple[str, float, str]] = []
+    rows: list[tuple[str, dict[str, float] | float, str]] = []
 
     # The pixels as the network sees them (per-channel normalised): cosine on raw
     # uint8 pixels, all positive, mostly measures brightness (30.9% measured).
@@ -241,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pixel-space kNN: {100 * pixel:.2f}%", flush=True)
 
     torch.manual_seed(args.seed)
-    random_model = build_backbone(args.backbone, args.stem == "small", 32).model
+    random_model = build_backbone(args.backbone, True, 32).model
     random_model = random_model.to(memory_format=torch.channels_last)
     random_knn = knn_accuracy(
         features(random_model, train_x, spec, autocast), train_y,
@@ -250,33 +307,41 @@ def main(argv: list[str] | None = None) -> int:
     rows.append((f"{args.backbone} random init", random_knn, "-"))
     print(f"random-init kNN: {100 * random_knn:.2f}%", flush=True)
 
-    results: dict[str, float] = {}
+    results: dict[str, dict[str, float]] = {}
     for name in methods:
-        print(f"pretraining {name} on {args.backbone} for {args.budget_min:g} min ...", flush=True)
-        model, steps, seconds = pretrain(name, args, train_x, autocast)
-        knn = knn_accuracy(
-            features(model, train_x, spec, autocast), train_y,
-            features(model, test_x, spec, autocast), test_y,
-        )  # fmt: skip
-        results[name] = knn
-        if args.save_dir:
-            out = Path(args.save_dir) / name
-            out.mkdir(parents=True, exist_ok=True)
-            torch.save(model.state_dict(), out / "backbone.pt")
-        epochs = steps * args.batch_size / len(train_x)
+        loop_rate = loop_throughput(name, args, train_x, autocast) if args.loop_steps else 0.0
+        note = f"; the in-process loop: {loop_rate:.0f} img/s" if loop_rate else ""
+        print(f"{name}: darkmatter pretrain for {args.budget_min:g} min{note}", flush=True)
+        result = product_run(name, args, out)
+        result["loop_img_per_s"] = loop_rate
+        results[name] = result
+        epochs = result["steps"] * args.batch_size / 50_000
+        ratio = (
+            f", {result['img_per_s'] / loop_rate:.2f}x the loop's {loop_rate:.0f}"
+            if loop_rate
+            else ""
+        )
         rows.append(
             (
                 f"{name} ({args.backbone})",
-                knn,
-                f"{steps} steps, {epochs:.1f} epochs, {seconds / 60:.1f} min",
+                result,
+                f"{result['steps']} steps, {epochs:.1f} epochs, "
+                f"{result['img_per_s']:.0f} img/s{ratio}",
             )
         )
-        print(f"{name}: kNN {100 * knn:.2f}%", flush=True)
 
-    print(f"\n{'model':<32} {'kNN top-1':>10}  pretraining")
+    print(f"\nCPU: {cpu_model()}; budget {args.budget_min:g} min per method")
+    print(f"{'model':<30} {'kNN':>7} {'linear':>7} {'1%':>7} {'10%':>7}  pretraining")
     for label, value, detail in rows:
-        print(f"{label:<32} {100 * value:>9.2f}%  {detail}")
-    best = max(results, key=results.get) if results else None
+        if isinstance(value, dict):
+            probes = " ".join(
+                f"{100 * value[k]:>6.2f}%"
+                for k in ("knn_top1", "linear_top1", "linear_1pct_top1", "linear_10pct_top1")
+            )
+        else:
+            probes = f"{100 * value:>6.2f}% {'-':>7} {'-':>7} {'-':>7}"
+        print(f"{label:<30} {probes}  {detail}")
+    best = max(results, key=lambda m: results[m]["knn_top1"]) if results else None
     print(
         json.dumps(
             {
@@ -284,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                 "pixel_knn": round(pixel, 4),
                 "random_knn": round(random_knn, 4),
                 "best_method": best,
-                "best_knn": round(results[best], 4) if best else None,
+                "best_knn": round(results[best]["knn_top1"], 4) if best else None,
+                "methods": {m: {k: round(v, 4) for k, v in r.items()} for m, r in results.items()},
             }
         )
     )

@@ -24,17 +24,12 @@ from pydantic import (
     model_validator,
 )
 
-from pipelines.ingest.masks import MASKS, RandomPatchMask, build_mask_generator
+from pipelines.ingest.formats import DecodeOn, SourceFormat
+from pipelines.ingest.masks import MASKS, PatchMask, build_mask_generator
 from pipelines.ingest.recipes import ViewRecipe, recipe_from_dict
 from ssl_models.backbones import BACKBONES
 from ssl_models.methods import METHODS, Method, method_options
 
-# The source formats `pipelines.ingest.sources.ImageSource` reads (defined here, where
-# the config can name them without importing Ray); "manifest": a `darkmatter index` output.
-SourceFormat = Literal["auto", "folder", "parquet", "webdataset", "paths", "manifest"]
-# Where the read and decode tasks run (`data.decode_on`): anywhere, or only on the nodes
-# labelled as CPU data nodes (`pipelines.cluster.placement.DATA_NODE_LABEL`).
-DecodeOn = Literal["any", "cpu_nodes"]
 # `method.name` when a config names none.
 DEFAULT_METHOD = "simclr"
 
@@ -181,7 +176,8 @@ class RecipeConfig(Strict):
 class MaskConfig(Strict):
     """The patch mask drawn with each row's views, for masked methods (one of
     ``pipelines.ingest.masks.MASKS``): ``ratio`` of the patches hidden, patches of
-    ``patch_size`` px, which must divide ``data.recipe.size`` (4 px: an 8x8 grid at 32 px)."""
+    ``patch_size`` px, which must divide ``data.recipe.size`` (4 px: an 8x8 grid at 32 px).
+    ``multiblock`` (I-JEPA's blocks) has its own published scales: ``ratio`` does not apply."""
 
     name: str = "random"
     ratio: float = Field(0.75, gt=0, lt=1)
@@ -193,7 +189,7 @@ class MaskConfig(Strict):
             raise ValueError(f"unknown mask {self.name!r}; accepted: {', '.join(sorted(MASKS))}")
         return self
 
-    def build(self, image_size: int) -> RandomPatchMask:
+    def build(self, image_size: int) -> PatchMask:
         return build_mask_generator(self.name, image_size, self.patch_size, self.ratio)
 
 
@@ -213,6 +209,11 @@ class DataConfig(Strict):
     # (8192: 2.4 GB) and cut the consumer's own rate at 224 px from ~14,000 to ~6,000 rows/s,
     # still ~6x what a GPU takes; raise it for class-sorted shards at small image sizes.
     shuffle_buffer: int = Field(2048, ge=0)
+    # Object store memory (MB) the training pipeline may fill ahead of the trainers (Ray
+    # Data's resource_limits.object_store_memory); None: Ray Data's default, a share of the
+    # object store. On a small machine the decode tasks otherwise run epochs ahead, taking
+    # the cores the trainers need (docs/PERFORMANCE.md, "The product's rate on 2 cores").
+    ahead_mb: int | None = Field(None, gt=0)
     # Labeled splits for the online kNN monitor; both or neither.
     knn_bank: SourceConfig | None = None
     knn_query: SourceConfig | None = None
@@ -279,17 +280,33 @@ class OptimConfig(Strict):
             )
 
 
+# The epochs a run with only a time budget (schedule.max_minutes) plans for: a cap, never
+# reached in practice; planning is per read task, so a large cap costs nothing up front.
+BUDGET_EPOCH_CAP = 1000
+
+
 class ScheduleConfig(Strict):
-    """Training length: ``steps`` when set, else ``epochs`` passes over the training set."""
+    """Training length: ``steps`` when set, else ``epochs`` passes over the training set;
+    ``max_minutes``: a wall-clock budget of training time (alone, or a limit beside the
+    others: the run ends at whichever comes first). With a budget the learning rate's
+    cosine runs over the time (``pipelines.train.budget``), so the run ends annealed."""
 
     epochs: int | None = Field(None, gt=0)
     steps: int | None = Field(None, gt=0)
+    max_minutes: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _one_length(self) -> ScheduleConfig:
-        if self.epochs is None and self.steps is None:
-            raise ValueError("set schedule.epochs or schedule.steps")
+        if self.epochs is None and self.steps is None and self.max_minutes is None:
+            raise ValueError("set schedule.epochs, schedule.steps or schedule.max_minutes")
         return self
+
+    def step_cap(self, steps_per_epoch: int) -> int:
+        """The run's step count, or its cap when the budget is time."""
+        if self.steps is not None:
+            return self.steps
+        epochs = self.epochs or (BUDGET_EPOCH_CAP if self.max_minutes else 1)
+        return steps_per_epoch * epochs
 
 
 class TrainConfig(Strict):
@@ -328,6 +345,8 @@ class CheckpointConfig(Strict):
 class TrackingConfig(Strict):
     tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else a local sqlite store
     experiment: str = "darkmatter"
+    # CPU, memory, disk, network (and GPU) of rank 0's node in the run, every 10 s.
+    system_metrics: bool = True
 
 
 class RunConfig(Strict):

@@ -5,10 +5,18 @@ message says what was not logged and where it is kept instead.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib.metadata
+import io
 import json
 import os
 import re
+import shlex
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +151,74 @@ class RunTracker:
     def set_tag(self, key: str, value: str) -> None:
         self._call(f"tag {key}", "set_tag", key, value)
 
+    def start_system_metrics(self) -> None:
+        """MLflow's system metrics of this node (CPU, memory, disk, network; GPU when there
+        is one) into the run every 10 s, until ``finish``; a resumed run continues its steps."""
+        if self.client is None:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(
+                self.run_id, resume_logging=True, tracking_uri=self.tracking_uri
+            )
+            self.monitor.start()
+        except Exception as error:  # noqa: BLE001 - e.g. psutil missing: training goes on
+            self.not_logged.append(f"system metrics ({type(error).__name__})")
+
+    def log_inputs(self, datasets: list[tuple[DatasetDescription, str]]) -> None:
+        """The run's data as MLflow dataset inputs: (description, context) pairs, e.g.
+        ``(train, "training")``; shown under "Datasets" on the run page."""
+        if self.client is None:
+            self.not_logged.append("dataset inputs")
+            return
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = [
+            DatasetInput(description.entity(), tags=[InputTag("mlflow.data.context", context)])
+            for description, context in datasets
+        ]
+        self._call("dataset inputs", "log_inputs", datasets=inputs)
+
+    def log_model(
+        self, model: Any, input_example: Any, registered_model_name: str | None = None
+    ) -> str | None:
+        """``model`` (a torch module: (N, 3, S, S) float images -> (N, D) features) as the
+        run's MLflow model ``backbone``, with its signature and ``input_example``
+        ((2, 3, S, S) float32 numpy), registered as ``registered_model_name`` if given.
+        Returns the model's URI (``models:/<model id>``), or None when MLflow is away."""
+        if self.client is None:
+            self.not_logged.append("the backbone model")
+            return None
+        try:
+            import mlflow
+            import mlflow.pytorch
+            import torch
+            from mlflow.models import infer_signature
+
+            with torch.no_grad():
+                output = model(torch.from_numpy(input_example)).numpy()
+            mlflow.set_tracking_uri(self.tracking_uri)
+            # The registry prints its own "Successfully registered" lines; pretrain says it.
+            with mlflow.start_run(run_id=self.run_id), contextlib.redirect_stderr(io.StringIO()):
+                info = mlflow.pytorch.log_model(
+                    model,
+                    name="backbone",
+                    signature=infer_signature(input_example, output),
+                    input_example=input_example,
+                    registered_model_name=registered_model_name,
+                    # Stated, not inferred: inference imports the model in a subprocess.
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "torchvision"],
+                )
+            return info.model_uri
+        except Exception as error:  # noqa: BLE001 - the weights are in backbone.pt anyway
+            reason = redact_uri(str(error).splitlines()[0][:200]) if str(error) else ""
+            self.not_logged.append(f"the backbone model ({type(error).__name__}: {reason})")
+            return None
+
     def finish(self, status: str = "FINISHED") -> None:
+        if getattr(self, "monitor", None) is not None:
+            self.monitor.finish()
         self._call("run status", "set_terminated", status)
 
     def problem(self) -> str | None:
@@ -157,6 +232,79 @@ class RunTracker:
             f"recorded, starting with {first}. Metrics are kept in {self.metrics_file}, and the "
             f"run's files in {self.local_dir}."
         )
+
+
+def git_state(directory: str | Path) -> dict[str, str]:
+    """The commit and dirty state of the checkout holding ``directory`` (empty outside one)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(directory), *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "darkmatter.git_dirty": str(dirty).lower()}
+
+
+def run_context_tags(ray_cluster: str, argv: list[str] | None = None) -> dict[str, str]:
+    """Where a run came from: the git commit (and dirty state) of this checkout, the command
+    line (credentials in URIs removed), the Ray cluster kind (local / remote), Ray and torch
+    versions."""
+    argv = list(sys.argv if argv is None else argv)
+    command = shlex.join([Path(argv[0]).name, *argv[1:]]) if argv else ""
+    return {
+        **git_state(Path(__file__).resolve().parent),
+        "darkmatter.command": redact_uri(command)[:5000],
+        "darkmatter.ray_cluster": ray_cluster,
+        "darkmatter.ray_version": importlib.metadata.version("ray"),
+        "darkmatter.torch_version": importlib.metadata.version("torch"),
+    }
+
+
+@dataclass(frozen=True)
+class DatasetDescription:
+    """A data set as MLflow records it without reading it: where it is (``source``, a path
+    or URI; a manifest directory for a manifest), its name, and a digest of what says it
+    changed (format, rows, file sizes and times; see ``dataset_digest``)."""
+
+    name: str
+    source: str
+    digest: str
+    profile: dict[str, Any]
+
+    def entity(self):
+        from mlflow.entities import Dataset
+
+        return Dataset(
+            name=self.name,
+            digest=self.digest,
+            source_type="local" if "://" not in self.source else self.source.split(":")[0],
+            source=json.dumps({"uri": self.source}),
+            profile=json.dumps(self.profile),
+        )
+
+
+def dataset_digest(paths: list[str], **facts: Any) -> str:
+    """A short digest of a data set: its ``paths`` and ``facts`` (format, rows), plus, for
+    local paths, the names, sizes and modification times of their files (10,000 at most)."""
+    h = hashlib.sha256(json.dumps({"paths": paths, **facts}, sort_keys=True).encode())
+    for source in paths:
+        path = Path(source)
+        if "://" in source or not path.exists():
+            continue
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for file in files[:10_000]:
+            stat = file.stat()
+            h.update(f"{file.relative_to(path.parent)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
 
 
 def read_local_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -6,7 +6,12 @@
 plain torchvision constructor with the classifier replaced.
 
 ViTs also give their tokens (``Backbone.tokens``), optionally for a subset of the patches
-(MAE-style patch dropping), for masked and predictive methods.
+(MAE-style patch dropping), for masked and predictive methods. Their position embeddings
+are fixed 2D sin-cos (``ssl_models.patches.sincos_2d``), as MAE's and I-JEPA's: the
+parameter ``encoder.pos_embedding`` keeps its name and shape (so state_dicts load
+strictly, older checkpoints included) but holds sin-cos values and has
+``requires_grad=False``. A checkpoint saved when it was learned loads its learned values,
+which then stay frozen.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torchvision import models
 from torchvision.models.vision_transformer import VisionTransformer
 
 from ssl_models.checks import check_choice
+from ssl_models.patches import sincos_2d
 
 
 class Backbone(nn.Module):
@@ -109,6 +115,12 @@ def visible_patches(mask: torch.Tensor) -> torch.Tensor:
     return torch.argsort(mask.to(torch.uint8), dim=1, stable=True)[:, :kept]
 
 
+def hidden_patches(mask: torch.Tensor) -> torch.Tensor:
+    """The indices of the hidden patches of each row, in grid order: (N, T) bool mask
+    (True = hidden) -> (N, T - K) long; the complement of ``visible_patches``."""
+    return visible_patches(~mask)
+
+
 def _small_resnet_stem(model: models.ResNet) -> None:
     """CIFAR stem (He et al. 2016, sec. 4.2; SimCLR appendix B.9): 3x3 conv, stride 1, no max-pool."""
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -190,6 +202,11 @@ def _vit(size: ViTSize, image_size: int, small_image_stem: bool) -> tuple[nn.Mod
         mlp_dim=size.mlp_dim,
     )
     model.heads = nn.Identity()
+    # Fixed 2D sin-cos positions, zeros for the class token (MAE models_mae.py
+    # initialize_weights; I-JEPA the same, without class token).
+    position = model.encoder.pos_embedding
+    position.data.copy_(sincos_2d(size.hidden_dim, image_size // patch_size, class_token=True))
+    position.requires_grad_(False)
     return model, size.hidden_dim
 
 

@@ -33,7 +33,6 @@ from ray.exceptions import AuthenticationError
 from pipelines.config import ConfigError, RunConfig, is_uri, load_config
 from pipelines.tracking import redact_uri
 
-DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded: environments, history, caches, local run outputs and stores.
 WORKING_DIR_EXCLUDES = [
     ".venv",
@@ -299,60 +298,3 @@ def explained(handler: Callable[[argparse.Namespace], int], name: str):
         return 2
 
     return run
-
-
-# --- the commands -------------------------------------------------------------------------
-
-
-def add_connection_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--address",
-        default=os.environ.get("RAY_API_SERVER_ADDRESS", DEFAULT_ADDRESS),
-        help=f"Ray Jobs API (dashboard) address (default: RAY_API_SERVER_ADDRESS, else {DEFAULT_ADDRESS})",
-    )
-    parser.add_argument(
-        "--allow-plain-http",
-        action="store_true",
-        help="allow http:// to a non-loopback address (the token travels unencrypted)",
-    )
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    submit = subparsers.add_parser(
-        "submit",
-        help="run a darkmatter command on a Ray cluster as a Ray job",
-        description="e.g. darkmatter submit --follow -- pretrain --config configs/demo.yaml",
-    )
-    add_connection_options(submit)
-    submit.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
-    submit.add_argument(
-        "--working-dir",
-        default=".",
-        help="directory uploaded as the job's working_dir (default: the current directory, "
-        "normally the repository root); relative paths in the config resolve inside it",
-    )
-    submit.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="pass this environment variable to the job (repeatable; MLFLOW_TRACKING_URI always is)",
-    )
-    submit.add_argument("job_command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
-    submit.set_defaults(func=explained(submit_command, "submit"))
-
-    jobs = subparsers.add_parser("jobs", help="list, inspect, follow and stop Ray jobs")
-    actions = jobs.add_subparsers(dest="action", required=True)
-    for name, handler, help_text in (
-        ("list", list_command, "list the cluster's jobs"),
-        ("status", status_command, "a job's status"),
-        ("logs", logs_command, "a job's logs"),
-        ("stop", stop_command, "stop a job"),
-    ):
-        action = actions.add_parser(name, help=help_text)
-        add_connection_options(action)
-        if name != "list":
-            action.add_argument("job_id")
-        if name == "logs":
-            action.add_argument("--follow", action="store_true", help="stream until the job ends")
-        action.set_defaults(func=explained(handler, f"jobs {name}"))

@@ -21,8 +21,8 @@ import ray.data
 from pipelines.cluster.placement import check_decode_placement
 from pipelines.config import ConfigError, DecodeOn, resolve_path
 from pipelines.evaluate.inference import (
+    DECODE_CPUS,
     Checkpoint,
-    add_backbone_options,
     connect,
     embed_dataset,
     resolve_checkpoint,
@@ -63,7 +63,12 @@ def embed_corpus(
     counter = f"embed/{time.time_ns()}"
     started = time.perf_counter()
     images = eval_image_dataset(
-        source, checkpoint.spec.image_size, counter=counter, keep_key=True, decode_on=decode_on
+        source,
+        checkpoint.spec.image_size,
+        counter=counter,
+        keep_key=True,
+        decode_on=decode_on,
+        decode_cpus=DECODE_CPUS,
     )
     embed_dataset(
         images,
@@ -128,20 +133,3 @@ def run_embed(args: argparse.Namespace) -> int:
         + (f" {counts['skipped_by_reason']}" if counts["skipped"] else "")
     )
     return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "embed", help="stream a corpus through a backbone and write embeddings as parquet"
-    )
-    add_backbone_options(parser)
-    parser.add_argument(
-        "--data", required=True, help="the corpus (path, comma-separated paths, s3://)"
-    )
-    parser.add_argument(
-        "--out", required=True, help="output folder for the parquet files (new or empty)"
-    )
-    parser.add_argument("--label-column", help="carry this label column into the output")
-    parser.add_argument("--s3-endpoint", help="S3 endpoint override (http(s)://host:port)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run_embed)

@@ -13,12 +13,11 @@ Used by ``darkmatter eval`` (features of labeled splits, gathered in memory) and
 
 from __future__ import annotations
 
-import argparse
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,14 +27,14 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipelines.cluster.session import connect_ray
-from pipelines.config import DecodeOn, load_config
+from pipelines.config import load_config
 from pipelines.ingest.photometric import normalise
 from pipelines.ingest.recipes import IMAGENET_MEAN, IMAGENET_STD
-from pipelines.ingest.sources import FORMATS
 from pipelines.tracking import redact_uri
 from ssl_models.backbones import build_backbone
 
 RUN_ID = re.compile(r"^(?:runs:/)?([0-9a-f]{32})/?$")
+MODEL_URI_SCHEMES = ("models:/", "runs:/")
 RANDOM = "random"
 
 
@@ -127,9 +126,13 @@ class BackboneInference:
         return pa.table(columns)
 
 
-# CPUs the inference actors leave to the read tasks of their own pipeline (reads ask for
-# 0.05 CPU each: room for several).
-READ_CPUS = 0.25
+# CPUs the inference actors leave to the read and decode tasks of their own pipeline:
+# reads ask for 0.05 CPU each, decode tasks for DECODE_CPUS (Ray Data does not fuse a task
+# stage into an actor stage). Measured on 2 CPUs: actors of 0.875 CPU each and decode tasks
+# of 1 CPU left the decode backpressured for ever ("Tasks: 1 [backpressured:tasks
+# (ResourceBudget)]", 2.75/2 CPU): eval of the full CIFAR-10 hung.
+READ_CPUS = 0.5
+DECODE_CPUS = 0.25
 
 
 @dataclass(frozen=True)
@@ -148,9 +151,9 @@ def plan_actors(
 ) -> ActorPlan:
     """One actor per GPU when the cluster has GPUs; else about one per ``cpus_per_actor`` of
     the CPUs left once ``READ_CPUS`` are kept for the read tasks that feed them (decoding
-    runs inside the actors' stage: Ray Data fuses it). On 2 CPUs, two one-CPU actors held
-    both and the reads (0.05 CPU each) never ran: a hang. Now each takes a share of
-    what is left (two actors of 0.875 CPU on 2 CPUs). ``resources``: the cluster's (default
+    tasks ask for ``DECODE_CPUS``). On 2 CPUs, two one-CPU actors held both and the reads
+    (0.05 CPU each) never ran: a hang. Now each takes a share of what is left (two actors
+    of 0.75 CPU on 2 CPUs). ``resources``: the cluster's (default
     ``ray.cluster_resources()``)."""
     if cpus_per_actor < 1:
         raise ValueError(f"cpus_per_actor={cpus_per_actor!r} must be >= 1")
@@ -270,6 +273,40 @@ def _spec(
     )
 
 
+def run_config_file(client: MlflowClient, run_id: str, directory: str) -> Path | None:
+    """The run's ``config.yaml`` artifact, downloaded into ``directory``; None without one."""
+    try:
+        return Path(client.download_artifacts(run_id, "config.yaml", directory))
+    except Exception:  # noqa: BLE001 - fall back to the command-line options
+        return None
+
+
+def logged_model_checkpoint(
+    uri: str, tracking_uri: str, options: tuple[str | None, bool | None, int | None]
+) -> Checkpoint:
+    """The backbone an MLflow model URI names (``models:/<name>/<version>``,
+    ``models:/<name>@<alias>``, ``models:/<model id>``, ``runs:/<run id>/backbone``), as
+    ``pretrain`` logs it (``mlflow.pytorch``); rebuilt from its run's ``config.yaml``."""
+    import mlflow
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        info = mlflow.models.get_model_info(uri)
+        module = mlflow.pytorch.load_model(uri, map_location="cpu")
+    except Exception as error:  # noqa: BLE001 - MLflow raises several kinds
+        raise ValueError(
+            f"MLflow model {uri} cannot be loaded from {redact_uri(tracking_uri)} "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+        ) from None
+    run_id = info.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        config_file = run_config_file(MlflowClient(tracking_uri), run_id, tmp) if run_id else None
+        spec = _spec(config_file, *options)
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    return Checkpoint(state, spec, f"MLflow model {uri}", run_id)
+
+
 def resolve_checkpoint(
     checkpoint: str,
     tracking_uri: str,
@@ -297,14 +334,17 @@ def resolve_checkpoint(
             str(path.resolve()),
         )
     match = RUN_ID.match(checkpoint)
+    if match is None and checkpoint.startswith(MODEL_URI_SCHEMES):
+        return logged_model_checkpoint(checkpoint, tracking_uri, options)
     if match is None:
         raise ValueError(
             f"checkpoint {checkpoint!r} is neither an existing file, an MLflow run id "
-            f"(32 hex digits or runs:/<id>), nor {RANDOM!r}"
+            f"(32 hex digits or runs:/<id>), an MLflow model URI (models:/...), nor {RANDOM!r}"
         )
     run_id = match.group(1)
     client = MlflowClient(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
+        config_file = run_config_file(client, run_id, tmp)
         try:
             weights = client.download_artifacts(run_id, "backbone.pt", tmp)
         except Exception as error:  # noqa: BLE001 - MLflow raises several kinds
@@ -312,52 +352,6 @@ def resolve_checkpoint(
                 f"MLflow run {run_id} in {redact_uri(tracking_uri)} has no backbone.pt artifact "
                 f"({type(error).__name__}: {str(error).splitlines()[0][:200]})"
             ) from None
-        try:
-            config_file: Path | None = Path(client.download_artifacts(run_id, "config.yaml", tmp))
-        except Exception:  # noqa: BLE001 - fall back to the command-line options
-            config_file = None
         return Checkpoint(
             load_state_dict(weights), _spec(config_file, *options), f"MLflow run {run_id}", run_id
         )
-
-
-def add_backbone_options(parser: argparse.ArgumentParser) -> None:
-    """Checkpoint and backbone options shared by ``eval`` and ``embed``."""
-    parser.add_argument(
-        "checkpoint",
-        help="backbone.pt path, MLflow run id (or runs:/<id>), or 'random' (random init)",
-    )
-    parser.add_argument(
-        "--backbone", help="backbone name (default: from the run's config.yaml beside the weights)"
-    )
-    parser.add_argument(
-        "--small-image-stem",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="the backbone's small-image stem (default: from config.yaml)",
-    )
-    parser.add_argument(
-        "--image-size", type=int, help="input side in pixels (default: from config.yaml)"
-    )
-    parser.add_argument(
-        "--tracking-uri",
-        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)",
-    )
-    parser.add_argument(
-        "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)"
-    )
-    parser.add_argument("--batch-size", type=int, default=256, help="images per inference batch")
-    parser.add_argument(
-        "--concurrency", type=int, help="inference actors (default: one per GPU, else CPUs - 1)"
-    )
-    parser.add_argument("--format", default="auto", choices=FORMATS, help="source format")
-    parser.add_argument(
-        "--decode-on",
-        default="any",
-        choices=get_args(DecodeOn),
-        help="where images are read and decoded: any node, or only the CPU data nodes "
-        "(labelled darkmatter/role=data; docs/CLUSTER.md)",
-    )
-    parser.add_argument(
-        "--image-column", default="image", help="parquet column / webdataset member of the images"
-    )

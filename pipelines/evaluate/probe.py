@@ -25,8 +25,8 @@ from pipelines.cluster.placement import check_decode_placement
 from pipelines.cluster.session import quiet_ray_data
 from pipelines.config import ConfigError, DecodeOn, resolve_path
 from pipelines.evaluate.inference import (
+    DECODE_CPUS,
     Checkpoint,
-    add_backbone_options,
     connect,
     embed_dataset,
     gather_features,
@@ -72,7 +72,12 @@ def split_features(
     """(features (N, D), labels (N,), keys, ingest counts) of one labeled split."""
     counter = f"eval/{split}/{time.time_ns()}"
     images = eval_image_dataset(
-        source, checkpoint.spec.image_size, counter=counter, keep_key=True, decode_on=decode_on
+        source,
+        checkpoint.spec.image_size,
+        counter=counter,
+        keep_key=True,
+        decode_on=decode_on,
+        decode_cpus=DECODE_CPUS,
     )
     embedded = embed_dataset(
         images,
@@ -247,7 +252,7 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"darkmatter eval: {error}", file=sys.stderr)
         return 2
     connect(args.address)
-    quiet_ray_data()
+    quiet_ray_data(progress_bars=True)  # the features' passes are eval's progress
     try:
         check_decode_placement(args.decode_on)
     except ConfigError as error:
@@ -320,29 +325,3 @@ def run_eval(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "eval", help="kNN and linear probes of a pretrained backbone on a labeled dataset"
-    )
-    add_backbone_options(parser)
-    parser.add_argument(
-        "--train", required=True, help="labeled train split (path, or comma-separated paths)"
-    )
-    parser.add_argument(
-        "--test", required=True, help="labeled test split (path, or comma-separated paths)"
-    )
-    parser.add_argument(
-        "--label-column", default="label", help="label column (or 'folder' for class folders)"
-    )
-    parser.add_argument("--k", type=int, default=200, help="kNN neighbours (Wu et al. 2018: 200)")
-    parser.add_argument("--temperature", type=float, default=0.1, help="kNN temperature (0.1)")
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the low-label subsets and held-out split"
-    )
-    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    parser.add_argument("--reports", metavar="DIR", help="write PNG reports here (and log them)")
-    parser.add_argument("--class-names", help="comma-separated class names for the reports")
-    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    parser.set_defaults(func=run_eval)

@@ -322,6 +322,7 @@ def eval_image_dataset(
     keep_key: bool = False,
     decode_on: DecodeOn = "any",
     max_rows: int | None = None,
+    decode_cpus: float = 1.0,
 ) -> ray.data.Dataset:
     """`image` uint8 (3, size, size) resized + center-cropped, no augmentation, and `label`
     when `source.label_column` is set (`key` with `keep_key`).
@@ -331,7 +332,8 @@ def eval_image_dataset(
     `decode_on`: as `view_dataset`'s. `max_rows`: at most this many images, read in the
     corpus-shuffled order (each read task a sample from across the corpus, so a class-sorted
     tree still gives every class) and cut before decoding; which rows make the cut depends
-    on the order blocks arrive in.
+    on the order blocks arrive in. `decode_cpus`: the CPUs each decode task asks for (a
+    pipeline whose inference actors hold most CPUs gives its decode a fraction, or it waits).
     """
     if not 0 < crop_fraction <= 1:
         raise ValueError(f"eval_image_dataset: crop_fraction={crop_fraction!r} not in (0, 1]")
@@ -353,6 +355,7 @@ def eval_image_dataset(
         ),
         batch_size=batch_size,
         batch_format="numpy",
+        num_cpus=decode_cpus,
         label_selector=data_label_selector(decode_on),
     )
 

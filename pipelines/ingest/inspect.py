@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.ingest.decode import UndecodableImage, load_rgb, open_image
-from pipelines.ingest.sources import FORMATS, ImageSource, count_rows, read_raw
+from pipelines.ingest.sources import ImageSource, count_rows, read_raw
 
 
 def inspect_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -135,21 +135,3 @@ def run_inspect(args: argparse.Namespace) -> int:
     else:
         _print_human(summary, bad, args.show)
     return 0 if summary["decoded"] > 0 else 1
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "inspect",
-        help="stream a corpus and report how many images decode, and why the others do not",
-        description="Stream a corpus (folder, parquet, webdataset tar, path list; local or "
-        "s3://) and report files, decoded, skipped by reason, formats and sizes.",
-    )
-    parser.add_argument("path", nargs="+", help="a folder, file(s), or s3:// URI(s)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--show", type=int, default=10, metavar="N", help="bad files to list")
-    parser.add_argument("--bad-list", metavar="FILE", help="write every bad key<TAB>reason")
-    parser.add_argument("--image-column", default="image", help="parquet column of image bytes")
-    parser.add_argument("--format", default="auto", choices=FORMATS)
-    parser.add_argument("--s3-endpoint", default=None, help="e.g. http://127.0.0.1:9000")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run_inspect)

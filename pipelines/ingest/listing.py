@@ -38,7 +38,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-MARKER = "_darkmatter_manifest.json"
+from pipelines.ingest.formats import MARKER
+
 MANIFEST_VERSION = 1
 SHARD_SCHEMA = pa.schema(
     [

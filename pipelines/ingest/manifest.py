@@ -42,10 +42,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
+# SHARD_ENTRIES: manifest rows per shard (about: a file's row groups never straddle two shards).
+from pipelines.ingest.formats import INDEX_FORMATS, MARKER, SHARD_ENTRIES
 from pipelines.ingest.listing import (
     _LIST_CPUS,
     MANIFEST_VERSION,
-    MARKER,
     SHARD_SCHEMA,
     WalkStats,
     parquet_footers,
@@ -59,12 +60,9 @@ from pipelines.ingest.sources import (
     filesystem,
 )
 
-# Manifest rows per shard (about: a file's row groups never straddle two shards).
-SHARD_ENTRIES = 100_000
 # Parquet files whose footers one shard task reads.
 _PARQUET_FILES_PER_SHARD = 1_000
 _WANTED = {"folder": IMAGE_EXTENSIONS, "parquet": (".parquet",), "webdataset": (".tar",)}
-INDEX_FORMATS = ("auto", *_WANTED)
 _PARTS = "_parts"
 
 
@@ -398,34 +396,3 @@ def run_index(args: argparse.Namespace) -> int:
         f"({marker['listing']['tasks']:,} listing tasks, {marker['seconds']:.1f} s)"
     )
     return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "index",
-        help="list a corpus once, in Ray tasks, into a manifest that every command reads",
-        description="List SOURCE (a folder tree, parquet files or webdataset tars; local or "
-        "s3://) in Ray tasks, a directory at a time, and write the manifest directory MANIFEST: "
-        "parquet shards (uri, bytes, rows, row_group, first_row, label) and "
-        f"{MARKER}. Give MANIFEST wherever a source is accepted.",
-    )
-    parser.add_argument("source", nargs="+", help="a folder, file(s), or s3:// URI(s)")
-    parser.add_argument("--out", required=True, metavar="MANIFEST", help="the manifest directory")
-    parser.add_argument("--format", default="auto", choices=INDEX_FORMATS)
-    parser.add_argument("--image-column", default="image", help="parquet column of image bytes")
-    parser.add_argument(
-        "--label-column",
-        default=None,
-        help="parquet column or webdataset extension of labels, checked and recorded "
-        "(folder trees always get their folder labels)",
-    )
-    parser.add_argument(
-        "--shard-rows",
-        type=int,
-        default=SHARD_ENTRIES,
-        metavar="N",
-        help=f"manifest rows per shard, about (default {SHARD_ENTRIES:,})",
-    )
-    parser.add_argument("--s3-endpoint", default=None, help="e.g. http://127.0.0.1:9000")
-    parser.add_argument("--address", default=None, help="a Ray cluster (default: RAY_ADDRESS)")
-    parser.set_defaults(func=run_index)

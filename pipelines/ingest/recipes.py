@@ -140,12 +140,34 @@ def multicrop(global_size: int = 224, local_size: int = 96, n_local: int = 6) ->
     return ViewRecipe("multicrop", (global_view, global_view) + (local_view,) * n_local)
 
 
+def _crop_only(size: int, scale: tuple[float, float], flip_p: float) -> ViewSpec:
+    """A random resized crop and nothing photometric (masked and predictive methods)."""
+    return ViewSpec(
+        size=size, scale=scale, flip_p=flip_p, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0
+    )
+
+
+def mae(size: int = 224) -> ViewRecipe:
+    """MAE's one view: RandomResizedCrop(scale=(0.2, 1.0)) and a horizontal flip, no colour
+    (facebookresearch/mae ``main_pretrain.py`` ``transform_train``)."""
+    return ViewRecipe("mae", (_crop_only(size, (0.2, 1.0), 0.5),))
+
+
+def ijepa(size: int = 224) -> ViewRecipe:
+    """I-JEPA's one view: a random resized crop of scale (0.3, 1.0), no flip, no colour
+    (facebookresearch/ijepa ``configs/in1k_vith14_ep300.yaml``: crop_scale, use_horizontal_flip
+    false, use_color_distortion false, use_gaussian_blur false)."""
+    return ViewRecipe("ijepa", (_crop_only(size, (0.3, 1.0), 0.0),))
+
+
 # The recipes by name: a builder takes the crop size first, then its own arguments
 # (settable as overrides). Adding a recipe is one line here.
 RECIPES: dict[str, Callable[..., ViewRecipe]] = {
     "simclr": simclr,
     "byol": byol,
     "multicrop": multicrop,
+    "mae": mae,
+    "ijepa": ijepa,
 }
 _SPEC_FIELDS = {f.name for f in dataclasses.fields(ViewSpec)}
 

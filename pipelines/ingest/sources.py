@@ -39,11 +39,10 @@ import pyarrow.parquet as pq
 import ray
 
 from pipelines.cluster.placement import check_decode_placement, cluster_cpus, data_label_selector
-from pipelines.config import DecodeOn, SourceFormat
+from pipelines.ingest.formats import FORMATS, DecodeOn, SourceFormat
 from pipelines.ingest.listing import MARKER, Manifest, footers_in_tasks, list_files, read_manifest
 from pipelines.ingest.position import POSITION_COLUMNS, DataPosition
 
-FORMATS: tuple[str, ...] = get_args(SourceFormat)
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
 # `label_column` value for folder trees and path lists: the parent directory names,
 # sorted, give the class indices (torchvision ImageFolder's convention).

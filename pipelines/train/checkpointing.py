@@ -29,6 +29,7 @@ class Progress:
     images_seen: int = 0
     mlflow_run_id: str = ""
     last_knn_top1: float = -1.0
+    train_seconds: float = 0.0  # training time spent (schedule.max_minutes counts it)
 
     @classmethod
     def from_state(cls, state: dict) -> Progress:

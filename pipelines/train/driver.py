@@ -4,6 +4,7 @@ build the streaming dataset, and run the worker loop on a ``TorchTrainer``."""
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 from dataclasses import dataclass
@@ -15,7 +16,12 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from pipelines.cluster.placement import check_checkpoint_storage
-from pipelines.cluster.session import connect_ray, quiet_ray_data
+from pipelines.cluster.session import (
+    connect_ray,
+    ingest_execution_options,
+    quiet_ray_data,
+    ray_address_kind,
+)
 from pipelines.config import (
     ConfigError,
     RunConfig,
@@ -23,15 +29,22 @@ from pipelines.config import (
     config_to_yaml,
     flatten,
     is_uri,
-    load_config,
     resolve_paths,
 )
 from pipelines.ingest.dataset import ingest_counts, labeled_eval_dataset, view_dataset
 from pipelines.ingest.sources import ImageSource, count_rows
-from pipelines.tracking import RunTracker, default_tracking_uri, redact_uri, start_or_resume_run
+from pipelines.tracking import (
+    DatasetDescription,
+    RunTracker,
+    dataset_digest,
+    default_tracking_uri,
+    redact_uri,
+    run_context_tags,
+    start_or_resume_run,
+)
 from pipelines.train.checkpointing import latest_position
 from pipelines.train.loop import LoopConfig, train_loop_per_worker
-from pipelines.train.progress import run_with_progress_bar
+from pipelines.train.progress import run_with_progress
 
 # Where a run's local files go (config, curves, backbone.pt) when its checkpoints go to
 # remote storage (s3://...): under this folder, by run name.
@@ -68,9 +81,9 @@ def cpus_per_run(config: RunConfig) -> int:
     return config.train.num_workers * config.train.cpus_per_worker + config.train.data_cpus
 
 
-def connect_ray_for(address: str | None, config: RunConfig) -> None:
+def connect_ray_for(address: str | None, config: RunConfig, verbose: bool = False) -> None:
     """Ray for this run: the embedded one gets at least the CPUs the run takes."""
-    connect_ray(address, cpus_per_run(config))
+    connect_ray(address, cpus_per_run(config), verbose)
 
 
 def count_images(source: ImageSource, declared: int | None) -> int:
@@ -95,7 +108,7 @@ def plan_steps(config: RunConfig, num_rows: int) -> tuple[int, int]:
             f"train.batch_size ({config.train.batch_size}) is larger than the training set "
             f"({num_rows} images at {config.data.train.path})"
         )
-    total = config.schedule.steps or steps_per_epoch * (config.schedule.epochs or 1)
+    total = config.schedule.step_cap(steps_per_epoch)
     config.optim.check_warmup(total)
     return total, steps_per_epoch
 
@@ -118,12 +131,41 @@ def open_mlflow_run(
     return run_id
 
 
+def data_inputs(config: RunConfig, train_rows: int) -> list[tuple[DatasetDescription, str]]:
+    """The run's data as MLflow inputs: the training set, and the kNN bank and queries."""
+    inputs = []
+    for split, context in (
+        ("train", "training"),
+        ("knn_bank", "knn-bank"),
+        ("knn_query", "knn-query"),
+    ):
+        source = getattr(config.data, split)
+        if source is None:
+            continue
+        paths = [source.path] if isinstance(source.path, str) else list(source.path)
+        facts = {"format": source.format} | ({"rows": train_rows} if split == "train" else {})
+        name = f"{split}:{Path(paths[0]).name or paths[0]}"
+        digest = dataset_digest(paths, **facts)
+        inputs.append((DatasetDescription(name, ",".join(paths), digest, facts), context))
+    return inputs
+
+
+def headline(config: RunConfig, steps: int, knn_top1: float | None) -> str:
+    """The run's description on its MLflow page."""
+    knn = f", kNN top-1 {100 * knn_top1:.2f}%" if knn_top1 is not None else ""
+    return (
+        f"{config.method.name} on {config.backbone.name}: {steps} steps at global batch "
+        f"{config.train.batch_size}{knn}"
+    )
+
+
 def build_trainer(
     config: RunConfig,
     loop: LoopConfig,
     datasets: dict[str, ray.data.Dataset],
     storage_path: str,
     callbacks: list | None,
+    verbose: bool = False,
 ) -> TorchTrainer:
     """The ``TorchTrainer`` of one attempt (no restarts of its own: ``run_pretraining``'s)."""
     return TorchTrainer(
@@ -145,11 +187,16 @@ def build_trainer(
                 max_failures=0, controller_failure_limit=0, max_preemption_failures=0
             ),
             callbacks=callbacks,
+            # Ray Train's own INFO lines (worker group start, process group, checkpoints).
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         ),
         datasets=datasets,
         # The kNN splits too: each rank embeds its share of the bank and of the queries
         # (pipelines.train.loop.online_knn merges the neighbours across ranks).
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "knn_bank", "knn_query"]),
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train", "knn_bank", "knn_query"],
+            execution_options=ingest_execution_options(config.data.ahead_mb),
+        ),
     )
 
 
@@ -159,6 +206,8 @@ def run_pretraining(
     *,
     parent_run_id: str | None = None,
     trainer_callbacks: list | None = None,
+    verbose: bool = False,
+    register_model: str | None = None,
 ) -> PretrainResult:
     """Run (or resume) one pretraining run; ``parent_run_id`` nests its MLflow run under a
     sweep's, ``trainer_callbacks`` go to the trainer's RunConfig (Tune's report callback)."""
@@ -175,7 +224,9 @@ def run_pretraining(
     local_dir.mkdir(parents=True, exist_ok=True)
     resuming = has_checkpoint(storage_path, config.name)
 
-    connect_ray_for(address, config)
+    connect_ray_for(address, config, verbose)
+    if not verbose:  # e.g. "Creating initial MLflow database tables..."
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
     check_checkpoint_storage(config, storage_path)
     train_source = image_source(config.data.train)
     num_rows = count_images(train_source, config.data.num_images)
@@ -195,6 +246,10 @@ def run_pretraining(
         tracker.log_params(flatten(config.model_dump(mode="json")))
         tracker.log_params({"total_steps": total_steps, "steps_per_epoch": steps_per_epoch})
     tracker.log_artifact(config_file)
+    for key, value in run_context_tags(ray_address_kind()).items():
+        tracker.set_tag(key, value)
+    if not resuming:
+        tracker.log_inputs(data_inputs(config, num_rows))
     loop = LoopConfig(
         config=config,
         total_steps=total_steps,
@@ -205,6 +260,8 @@ def run_pretraining(
         ingest_counter=counters["train"],
         extra_columns=mask_generator.columns if mask_generator is not None else (),
         rows_per_epoch=num_rows,
+        verbose=verbose,
+        register_model=register_model,
     )
 
     # A failure restarts the workers from the last committed checkpoint, here rather than
@@ -242,9 +299,12 @@ def run_pretraining(
                     decode_on=config.data.decode_on,
                     max_rows=config.data.knn_bank_max if split == "knn_bank" else None,
                 )
-        trainer = build_trainer(config, loop, datasets, storage_path, trainer_callbacks)
+        trainer = build_trainer(config, loop, datasets, storage_path, trainer_callbacks, verbose)
         try:
-            result = run_with_progress_bar(config.name, total_steps, trainer.fit)
+            shown_steps = (
+                None if config.schedule.max_minutes and not config.schedule.steps else total_steps
+            )
+            result = run_with_progress(config.name, shown_steps, trainer.fit, resume_step)
             break
         except ray.train.TrainingFailedError as error:
             if attempt == restarts:
@@ -254,10 +314,13 @@ def run_pretraining(
     problem_file = local_dir / "tracking_problem.txt"
     problem = problem_file.read_text().strip() if problem_file.exists() else None
     knn = (result.metrics or {}).get("knn_top1")
+    knn = knn if knn is not None and knn >= 0 else None
+    steps = int((result.metrics or {}).get("step", total_steps))
+    tracker.set_tag("mlflow.note.content", headline(config, steps, knn))
     return PretrainResult(
         run_name=config.name,
-        steps=int((result.metrics or {}).get("step", total_steps)),
-        knn_top1=knn if knn is not None and knn >= 0 else None,
+        steps=steps,
+        knn_top1=knn,
         mlflow_run_id=mlflow_run_id,
         tracking_uri=tracking_uri,
         run_dir=str(local_dir),
@@ -284,14 +347,12 @@ def print_summary(result: PretrainResult) -> None:
         print(f"[darkmatter] open it with: mlflow ui --backend-store-uri '{uri}' --host 127.0.0.1")
 
 
-def run_command(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace, config: RunConfig) -> int:
+    """``darkmatter pretrain`` once ``pipelines.cli`` has loaded and validated ``config``."""
     try:
-        config = load_config(args.config, args.set)
-    except ConfigError as error:
-        print(f"darkmatter pretrain: {error}", file=sys.stderr)
-        return 2
-    try:
-        result = run_pretraining(config, args.address)
+        result = run_pretraining(
+            config, args.address, verbose=args.verbose, register_model=args.register_model
+        )
     except ConfigError as error:
         print(f"darkmatter pretrain: {error}", file=sys.stderr)
         return 2
@@ -300,21 +361,3 @@ def run_command(args: argparse.Namespace) -> int:
         return 1
     print_summary(result)
     return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "pretrain", help="pretrain a backbone with a self-supervised method"
-    )
-    parser.add_argument("--config", help="YAML run config (see configs/)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set train.batch_size=128 (repeatable)",
-    )
-    parser.add_argument(
-        "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)"
-    )
-    parser.set_defaults(func=run_command)

@@ -8,9 +8,8 @@ non-finite policy are in ``pipelines.train.step``.
 
 from __future__ import annotations
 
+import copy
 import math
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,15 +25,17 @@ from pipelines.ingest.photometric import channels_first, normalise, photometric
 from pipelines.ingest.position import DataPosition
 from pipelines.ingest.recipes import ViewRecipe, ViewSpec
 from pipelines.tracking import RunTracker
+from pipelines.train.budget import TrainingBudget
 from pipelines.train.checkpointing import Progress, load_checkpoint, temporary_checkpoint
 from pipelines.train.consumed import ConsumedRows
 from pipelines.train.optim import build_optimizer, build_schedule
-from pipelines.train.progress import post_progress
+from pipelines.train.precision import in_mixed_precision, resolve_precision
+from pipelines.train.progress import attach_console, post_progress, quiet_worker_logs, say
 from pipelines.train.step import NonFinitePolicy, train_step
 from pipelines.train.throughput import ThroughputWindow
 from ssl_models.backbones import build_backbone
 from ssl_models.distributed import sharded_knn_accuracy
-from ssl_models.methods import Batch, Method, StepOutput, build_method
+from ssl_models.methods import Batch, Method, build_method
 
 # Metrics each report carries (rank 0's latest values): what Tune schedules and stops on.
 REPORTED = ("loss", "effective_rank", "energy_gap", "embedding_std")
@@ -60,6 +61,8 @@ class LoopConfig:
     ingest_counter: str
     extra_columns: tuple[str, ...] = ()
     rows_per_epoch: int = 0
+    verbose: bool = False
+    register_model: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # The run config travels as JSON: its per-method models are built at import time
@@ -72,12 +75,6 @@ class LoopConfig:
             object.__setattr__(self, name, value)
 
 
-def say(message: str) -> None:
-    """One line to the driver's console. Ray Train patches ``print`` to log *and* echo when
-    stdout is wrapped (doubling every line); the process's own stdout is forwarded once."""
-    print(message, file=sys.__stdout__, flush=True)
-
-
 def build_model(config: RunConfig) -> Method:
     """The configured method around the configured backbone (on the CPU, untrained)."""
     backbone = build_backbone(
@@ -88,26 +85,29 @@ def build_model(config: RunConfig) -> Method:
     return build_method(config.method.name, backbone, **config.method.options)
 
 
-def is_due(step: int, every: int, total_steps: int) -> bool:
-    """Every ``every`` steps, and at the last step."""
-    return step % every == 0 or step == total_steps
+def is_due(step: int, every: int, last: bool) -> bool:
+    """Every ``every`` steps, and at the run's last step (``last``)."""
+    return step % every == 0 or last
 
 
 def train_loop_per_worker(loop_config: dict[str, LoopConfig]) -> None:
     """Ray Train's worker function: one worker's share of the run described by ``loop``."""
     # ---- set-up ------------------------------------------------------------------------------
     loop = loop_config["loop"]
+    quiet_worker_logs(loop.verbose)
     config, total_steps = loop.config, loop.total_steps
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    channels_last = device.type == "cuda" and config.train.channels_last
+    channels_last = config.train.channels_last
     local_batch = config.train.batch_size // world_size  # elastic runs: normalise by world size
     recipe = config.data.recipe.build()
     torch.manual_seed(config.train.seed)
     model = place_model(build_model(config), device, world_size, channels_last)
     optimizer = build_optimizer(model, config.optim, config.train.batch_size)
-    schedule = build_schedule(optimizer, config.optim, total_steps)
+    max_minutes = config.schedule.max_minutes
+    budget = TrainingBudget(total_steps, max_minutes * 60 if max_minutes else None)
+    schedule = build_schedule(optimizer, config.optim, total_steps, budget.time_fraction)
     grad_clip_norm = config.optim.grad_clip_norm
 
     # ---- resume from the last committed checkpoint, if any ------------------------------------
@@ -140,29 +140,42 @@ def train_loop_per_worker(loop_config: dict[str, LoopConfig]) -> None:
         local_shuffle_buffer_size=config.data.shuffle_buffer or None,
         local_shuffle_seed=config.train.seed + rank + progress.step,
     )
+    first_step = progress.step
     for batch in window.timed(batches):
+        if progress.step == first_step:  # the first batch is here: training time starts now
+            budget.start(progress.train_seconds)
         generator.manual_seed(hash((config.train.seed, rank, progress.step)) & 0x7FFF_FFFF_FFFF)
         views = make_views(batch, recipe, generator, device, view_buffers, channels_last)
         inputs = Batch(views, extras={c: batch[c].to(device) for c in loop.extra_columns})
         result = train_step(
-            model, forward, inputs, optimizer, policy, progress, total_steps, grad_clip_norm
+            model,
+            forward,
+            inputs,
+            optimizer,
+            policy,
+            progress,
+            budget.fraction(progress.step + 1),
+            grad_clip_norm,
         )
+        progress.train_seconds = budget.tick(device)  # the same on every worker
         schedule.step()
         consumed.add(batch)
         progress.step += 1
         progress.images_seen += config.train.batch_size
         window.add(result.loss)
+        last = budget.done(progress.step)
 
         metrics: dict[str, float] = {}
-        if rank == 0 and is_due(progress.step, config.train.log_every, total_steps):
+        if rank == 0 and is_due(progress.step, config.train.log_every, last):
             metrics = interval_metrics(window, optimizer, progress, loop)
-            say(progress_line(metrics, progress.step, total_steps))
-            post_progress(config.name, step=progress.step, loss=metrics["loss"])
+            line = progress_line(metrics, progress.step, total_steps, budget.minutes_line())
+            shown = metrics | ({"remaining_s": budget.remaining()} if budget.timed else {})
+            post_progress(line, progress.step, shown)
             window.reset()
-        diagnose = is_due(progress.step, config.train.diagnostics_every, total_steps)
+        diagnose = is_due(progress.step, config.train.diagnostics_every, last)
         if rank == 0 and diagnose and result.output.embedding.shape[0] >= 2:
             metrics.update(model.diagnostics(result.output))
-        if knn_due(config, progress.step, loop.steps_per_epoch, total_steps):  # every rank: sharded
+        if knn_due(config, progress.step, loop.steps_per_epoch, last):  # every rank: sharded
             progress.last_knn_top1 = metrics["knn_top1"] = online_knn(model, config, device)
             epoch = math.ceil(progress.step / loop.steps_per_epoch)
             if rank == 0:
@@ -175,13 +188,13 @@ def train_loop_per_worker(loop_config: dict[str, LoopConfig]) -> None:
         # data position every worker agreed on.
         latest.update({k: metrics[k] for k in REPORTED if k in metrics}, step=progress.step)
         latest.update(knn_top1=progress.last_knn_top1, nonfinite_steps=progress.nonfinite_total)
-        save = is_due(progress.step, config.checkpoint.every_steps, total_steps)
+        save = is_due(progress.step, config.checkpoint.every_steps, last)
         if save or progress.step % config.train.diagnostics_every == 0:
             report(latest, save, rank, consumed, model, optimizer, schedule, progress)
-        if progress.step >= total_steps:
+        if last:
             break
     else:  # the data ran out first (rows dropped as undecodable): the run ends here, everywhere
-        if progress.step < total_steps:
+        if not budget.done(progress.step):
             if rank == 0:
                 say(
                     f"[darkmatter] WARNING: the data ended at step {progress.step} of "
@@ -194,7 +207,7 @@ def train_loop_per_worker(loop_config: dict[str, LoopConfig]) -> None:
         # Logged with the epoch as the step: one point per epoch read.
         for epoch, coverage in coverage_metrics(consumed.position, loop.rows_per_epoch).items():
             tracker.log_metrics(coverage, epoch)
-        finish_run(tracker, model, loop.local_dir)
+        finish_run(tracker, model, loop)
 
 
 def report(
@@ -240,21 +253,6 @@ def place_model(
     return model
 
 
-def in_mixed_precision(
-    forward: Callable[[Batch], StepOutput], device: torch.device, precision: str
-) -> Callable[[Batch], StepOutput]:
-    """``forward`` under bf16 autocast on a GPU unless ``train.precision`` is fp32; as it is
-    on the CPU. (The backward pass runs outside autocast, as torch recommends.)"""
-    if device.type != "cuda" or precision not in ("auto", "bf16"):
-        return forward
-
-    def forward_in_bf16(batch: Batch) -> StepOutput:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            return forward(batch)
-
-    return forward_in_bf16
-
-
 def make_views(
     batch: dict[str, torch.Tensor],
     recipe: ViewRecipe,
@@ -288,11 +286,22 @@ def start_tracking(
 ) -> RunTracker:
     """Rank 0's tracker (MLflow, else local files) and the run's first console line."""
     config = loop.config
+    attach_console(config.name)
     tracker = RunTracker(loop.tracking_uri, progress.mlflow_run_id or None, loop.local_dir)
+    if config.tracking.system_metrics:
+        tracker.start_system_metrics()
     tracker.set_tag("resumed_from_step", str(progress.step))
+    precision = resolve_precision(device, config.train.precision)
+    tracker.set_tag("precision", precision)
+    layout = ", channels-last" if config.train.channels_last else ""
     say(
         f"[darkmatter] {config.method.name} on {config.backbone.name}: {world_size} worker(s) on "
-        f"{device.type}, global batch {config.train.batch_size}, {loop.total_steps} steps"
+        f"{device.type} ({precision}{layout}, {torch.get_num_threads()} thread(s)), global batch {config.train.batch_size}, "
+        + (
+            f"{config.schedule.max_minutes:g} min of training (at most {loop.total_steps} steps)"
+            if config.schedule.max_minutes
+            else f"{loop.total_steps} steps"
+        )
         + (f", resuming at step {progress.step}" if progress.step else "")
     )
     return tracker
@@ -313,21 +322,23 @@ def interval_metrics(
     }
 
 
-def progress_line(metrics: dict[str, float], step: int, total_steps: int) -> str:
-    """``[darkmatter] step i/N  loss ...  lr ...  ... img/s  data wait ...%``."""
+def progress_line(metrics: dict[str, float], step: int, total_steps: int, minutes: str = "") -> str:
+    """``[darkmatter] step i/N  loss ...  lr ...  ... img/s  data wait ...%``; with a time
+    budget, ``step i  m/M min ...`` (N is then only a cap)."""
+    where = f"step {step}  {minutes}" if minutes else f"step {step}/{total_steps}"
     return (
-        f"[darkmatter] step {step}/{total_steps}  loss {metrics['loss']:.4f}  "
+        f"[darkmatter] {where}  loss {metrics['loss']:.4f}  "
         f"lr {metrics['lr']:.3g}  {metrics['img_per_s']:.0f} img/s  "
         f"data wait {100 * metrics['data_wait_share']:.0f}%"
     )
 
 
-def knn_due(config: RunConfig, step: int, steps_per_epoch: int, total_steps: int) -> bool:
+def knn_due(config: RunConfig, step: int, steps_per_epoch: int, last: bool) -> bool:
     """At the end of every ``data.knn_every_epochs``-th epoch and of the run, when configured."""
-    if config.data.knn_bank is None or not is_due(step, steps_per_epoch, total_steps):
+    if config.data.knn_bank is None or not is_due(step, steps_per_epoch, last):
         return False
     epoch = math.ceil(step / steps_per_epoch)
-    return epoch % config.data.knn_every_epochs == 0 or step == total_steps
+    return epoch % config.data.knn_every_epochs == 0 or last
 
 
 @torch.no_grad()
@@ -364,14 +375,24 @@ def online_knn(model: Method, config: RunConfig, device: torch.device) -> float:
     )
 
 
-def finish_run(tracker: RunTracker, model: Method, local_dir: str) -> None:
-    """Write and log ``backbone.pt`` (loads strictly into the torchvision model) and the curves."""
+def finish_run(tracker: RunTracker, model: Method, loop: LoopConfig) -> None:
+    """Write and log ``backbone.pt`` (loads strictly into the torchvision model), the backbone
+    as an MLflow model (registered if asked) and the curves."""
     from pipelines.evaluate.reports import plot_training_curves
 
-    out = Path(local_dir)
+    out = Path(loop.local_dir)
     backbone_path = out / "backbone.pt"
     torch.save({k: v.cpu() for k, v in model.backbone.model.state_dict().items()}, backbone_path)
     tracker.log_artifact(backbone_path)
+    size = loop.config.data.recipe.size
+    backbone = copy.deepcopy(model.backbone.model).cpu().eval()
+    # Normalised images (N, 3, S, S) float32; two, so that the exported batch size is free.
+    example = torch.zeros(2, 3, size, size).numpy()
+    model_uri = tracker.log_model(backbone, example, loop.register_model)
+    if model_uri is not None:
+        tracker.set_tag("darkmatter.model_uri", model_uri)
+        if loop.register_model:
+            say(f"[darkmatter] backbone registered as MLflow model {loop.register_model!r}")
     curves = plot_training_curves(tracker.metrics_file, out / "training_curves.png")
     if curves is not None:
         tracker.log_artifact(curves)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from pipelines.config import OptimConfig
+from pipelines.train.budget import lr_factor
 
 
 class LARS(torch.optim.Optimizer):
@@ -106,17 +108,18 @@ def build_optimizer(
 
 
 def build_schedule(
-    optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int
+    optimizer: torch.optim.Optimizer,
+    config: OptimConfig,
+    total_steps: int,
+    time_fraction: Callable[[], float | None] | None = None,
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warmup from ~0 over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` (Loshchilov & Hutter 2017)."""
+    """Linear warmup from ~0 over ``warmup_steps``, then cosine decay to ``min_lr_ratio``
+    (Loshchilov & Hutter 2017) over the steps, or over the time budget when
+    ``time_fraction`` gives one (``pipelines.train.budget``)."""
     config.check_warmup(total_steps)
-    warmup = config.warmup_steps
 
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
+        fraction = time_fraction() if time_fraction is not None else None
+        return lr_factor(step, config.warmup_steps, total_steps, config.min_lr_ratio, fraction)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

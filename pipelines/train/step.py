@@ -73,7 +73,7 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     policy: NonFinitePolicy,
     progress: Progress,
-    total_steps: int,
+    run_fraction: float,
     grad_clip_norm: float | None = None,
 ) -> StepResult:
     """Forward, backward, clip, step and the EMA teacher's update, or a skip on every
@@ -81,7 +81,9 @@ def train_step(
 
     ``model``: the method itself (its parameters and teacher); ``forward``: the same model as
     the loop calls it (DDP, compiled, autocast). ``progress.step``: the step being taken (the
-    caller counts it done, and steps the learning-rate schedule, skipped or not).
+    caller counts it done, and steps the learning-rate schedule, skipped or not);
+    ``run_fraction``: how far through the run this step takes it (``TrainingBudget.fraction``),
+    for the EMA teacher's momentum schedule.
     """
     output = forward(batch)
     device = output.loss.device
@@ -97,5 +99,5 @@ def train_step(
         return StepResult(loss=None, finite=False, output=output)
     policy.record(True, progress)
     optimizer.step()
-    model.update_teacher((progress.step + 1) / total_steps)
+    model.update_teacher(run_fraction)
     return StepResult(loss=output.loss.item(), finite=True, output=output)

@@ -352,22 +352,3 @@ def run_command(args: argparse.Namespace) -> int:
     print("\n# best config: save as best.yaml and run `darkmatter pretrain --config best.yaml`")
     print(best_yaml)
     return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("tune", help="sweep hyperparameters with Ray Tune")
-    parser.add_argument("--space", required=True, help="search space YAML (see tune_spaces/)")
-    parser.add_argument("--trials", type=int, default=8, help="number of trials (default 8)")
-    parser.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
-    parser.add_argument("--search", choices=["random", "optuna"], default="random")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override the base config"
-    )
-    parser.add_argument("--name", help="sweep name (default: <space>-sweep); re-use it to resume")
-    parser.add_argument(
-        "--storage-path", default="runs/sweeps", help="where trials and checkpoints go"
-    )
-    parser.add_argument(
-        "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)"
-    )
-    parser.set_defaults(func=run_command)

@@ -17,6 +17,9 @@ from ssl_models.methods.base import (
     ViewEncoding,
 )
 from ssl_models.methods.byol import BYOL
+from ssl_models.methods.ijepa import IJEPA
+from ssl_models.methods.lvpredict import LatentPredictive
+from ssl_models.methods.mae import MAE
 from ssl_models.methods.mocov3 import MoCoV3
 from ssl_models.methods.siamese import SiameseDistance
 from ssl_models.methods.simclr import SimCLR
@@ -24,7 +27,19 @@ from ssl_models.methods.simsiam import SimSiam
 from ssl_models.methods.vicreg import VICReg
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (SimCLR, MoCoV3, BYOL, SimSiam, BarlowTwins, VICReg, SiameseDistance)
+    cls.name: cls
+    for cls in (
+        SimCLR,
+        MoCoV3,
+        BYOL,
+        SimSiam,
+        BarlowTwins,
+        VICReg,
+        SiameseDistance,
+        MAE,
+        IJEPA,
+        LatentPredictive,
+    )
 }
 
 

@@ -51,7 +51,17 @@ class ViewEncoding(NamedTuple):
     target: torch.Tensor | None = None
 
 
-ANTI_COLLAPSE = ("negatives", "regulariser", "predictor + stop-gradient", "EMA teacher", "none")
+# "denoising": the targets are the input itself (pixels), corrupted by the mask (MAE);
+# "latent capacity": a latent variable whose information is limited (K hypotheses, a KL).
+ANTI_COLLAPSE = (
+    "negatives",
+    "regulariser",
+    "predictor + stop-gradient",
+    "EMA teacher",
+    "denoising",
+    "latent capacity",
+    "none",
+)
 
 
 def cosine_energy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

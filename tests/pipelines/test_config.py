@@ -56,7 +56,10 @@ def test_overrides_are_typed_and_nested():
             "method.options.proj_dim: Input should be a valid integer",
         ),
         (["method.options.gather=maybe"], "method.options.gather: Input should be a valid boolean"),
-        (["data.recipe.name=dino"], "unknown recipe 'dino'; accepted: byol, multicrop, simclr"),
+        (
+            ["data.recipe.name=dino"],
+            "unknown recipe 'dino'; accepted: byol, ijepa, mae, multicrop, simclr",
+        ),
         (["backbone.name=resnet19"], "unknown backbone 'resnet19'"),
         (["optim.name=adam"], "optim.name: Input should be 'sgd', 'adamw' or 'lars'"),
         (["data.recipe.overrides.jitter_strength=2"], "unknown override(s) ['jitter_strength']"),

@@ -8,7 +8,7 @@ from torch import nn
 
 from ssl_models.backbones import Backbone
 from ssl_models.heads import mlp
-from ssl_models.methods import METHODS, build_method
+from ssl_models.methods import METHODS, JointEmbedding, build_method
 
 
 def linear_shapes(head: nn.Sequential) -> list[tuple[int, int]]:
@@ -113,7 +113,8 @@ def output_bn(head: nn.Sequential) -> str | None:
 
 
 def test_every_method_has_its_paper_heads_listed():
-    assert set(PAPER_HEADS) == set(METHODS)
+    # The masked and predictive methods have no projector (their heads: test_mae.py, ...).
+    assert set(PAPER_HEADS) == {n for n, c in METHODS.items() if issubclass(c, JointEmbedding)}
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_HEADS))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +150,24 @@ def test_eval_refuses_what_it_cannot_load(tmp_path, capsys, splits):
         build_frozen_backbone(
             BackboneSpec("resnet50", False, 32), torch.load(tmp_path / "weights.pt")
         )
+
+
+def test_eval_of_several_read_units_finishes_on_a_two_cpu_ray(tmp_path):
+    """The full CIFAR-10 (5 train shards) hung on 2 CPUs: two inference actors held 1.75 CPU
+    and the 1-CPU decode task waited for ever. Four train shards (four read units) on a
+    2-CPU Ray of its own: the probes come back."""
+    shards = [subset("train", 100, tmp_path / f"train-{i}.parquet") for i in range(4)]
+    test = subset("test", 100, tmp_path / "test.parquet")
+    out = tmp_path / "eval.json"
+    script = (
+        "import sys, ray; from pipelines.cli import main; "
+        "ray.init(address='local', num_cpus=2, include_dashboard=False, log_to_driver=False); "
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    args = ["eval", "random", "--backbone", "resnet18", "--image-size", "32", "--no-mlflow"]
+    args += ["--train", ",".join(map(str, shards)), "--test", str(test), "--json", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert set(json.loads(out.read_text())) == set(RESULT_KEYS)

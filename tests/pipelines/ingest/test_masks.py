@@ -63,7 +63,7 @@ def test_generator_pickles_for_ray_tasks():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"name": "blocks"}, "unknown mask 'blocks'; accepted: random"),
+        ({"name": "blocks"}, "unknown mask 'blocks'; accepted: multiblock, random"),
         ({"patch_size": 5}, "patch size 5 does not divide the image size 32"),
         ({"ratio": 1.0}, r"ratio=1.0 must be in \(0, 1\)"),
         ({"ratio": 0.001}, "hides 0; it must hide at least one and leave one visible"),
@@ -142,13 +142,16 @@ def test_config_chooses_the_mask_and_defaults_to_none():
     mask = load_config(None, [*MINIMAL, "data.mask.name=random"]).data.mask
     assert (mask.name, mask.ratio, mask.patch_size) == ("random", 0.75, 4)
     assert mask.build(32) == RandomPatchMask(grid=8, ratio=0.75)
-    assert set(MASKS) == {"random"}
+    assert set(MASKS) == {"random", "multiblock"}
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["data.mask.name=blocks"], "data.mask: unknown mask 'blocks'; accepted: random"),
+        (
+            ["data.mask.name=blocks"],
+            "data.mask: unknown mask 'blocks'; accepted: multiblock, random",
+        ),
         (["data.mask.ratio=1.0"], "data.mask.ratio: Input should be less than 1"),
         (["data.mask.ratio=0"], "data.mask.ratio: Input should be greater than 0"),
         (["data.mask.patch_size=5"], "data: mask.patch_size (5) must divide recipe.size (32)"),

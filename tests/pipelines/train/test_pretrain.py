@@ -250,3 +250,39 @@ def test_data_that_ends_short_ends_the_run_instead_of_rereading_epoch_0(ray_sess
     client, run = mlflow_run(config)
     coverage = client.get_metric_history(run.info.run_id, "data/epoch_coverage")
     assert [(m.step, m.value) for m in coverage] == [(0, 32 / 50)]
+
+
+def latest_state(run_dir: Path) -> dict:
+    """The training state in a run's latest committed checkpoint (Ray Train's own record)."""
+    checkpoint = ray.train.Result.from_path(str(run_dir)).checkpoint
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / "state.pt", weights_only=True)
+
+
+def test_time_budget_ends_the_run_annealed_and_a_resumed_run_counts_the_time_spent(
+    ray_session, tmp_path
+):
+    """schedule.max_minutes alone: 2 workers stop together when the (shared) clock runs
+    out, the last learning rate is the cosine's end, and the same run given a larger budget
+    resumes with the time it already spent."""
+    budget = ("schedule.steps=null", "data.knn_bank=null", "data.knn_query=null")
+    first = tiny_run(tmp_path, "timed", *budget, "schedule.max_minutes=0.15")
+    result = run_pretraining(first)
+    client, run = mlflow_run(first)
+    lrs = client.get_metric_history(run.info.run_id, "lr")
+    assert lrs[-1].step == result.steps >= 1
+    assert lrs[-1].value < 0.02 * 0.1 * 32 / 256  # < 2% of the peak: annealed
+    assert run.data.tags["precision"] in ("fp32", "bf16")
+    state = latest_state(tmp_path / "runs" / "timed")
+    assert state["progress"]["step"] == result.steps
+    assert 9.0 <= state["progress"]["train_seconds"] < 9.0 + 60  # the last step ends it
+
+    second = tiny_run(tmp_path, "timed", *budget, "schedule.max_minutes=0.3")
+    resumed = run_pretraining(second)
+    client, run = mlflow_run(second)
+    assert run.data.tags["resumed_from_step"] == str(result.steps)
+    assert resumed.steps > result.steps
+    # It trained for the rest of 18 s (not 18 s more), and ended annealed again.
+    state = latest_state(tmp_path / "runs" / "timed")
+    assert 18.0 <= state["progress"]["train_seconds"] < 18.0 + 60
+    assert client.get_metric_history(run.info.run_id, "lr")[-1].value < 0.02 * 0.1 * 32 / 256

@@ -55,7 +55,15 @@ def parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 def step(model, optimizer, policy, progress, forward=None, seed: int = 0) -> StepResult:
     """One ``train_step``, counted done as the loop counts it."""
     batch = two_views(seed)
-    result = train_step(model, forward or model, batch, optimizer, policy, progress, TOTAL_STEPS)
+    result = train_step(
+        model,
+        forward or model,
+        batch,
+        optimizer,
+        policy,
+        progress,
+        (progress.step + 1) / TOTAL_STEPS,
+    )
     progress.step += 1
     return result
 

@@ -238,9 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--methods", default="simclr", help="comma-separated ssl_models methods")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers")
+    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     parser.add_argument(
-        "--cpus-per-worker", type=int, default=2, help="CPUs (torch threads) per worker"
+        "--cpus-per-worker", type=int, default=1, help="CPUs (torch threads) per worker"
     )
     parser.add_argument("--no-bf16", action="store_true", help="fp32 even where bf16 is native")
     parser.add_argument(

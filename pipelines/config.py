@@ -209,11 +209,6 @@ class DataConfig(Strict):
     # (8192: 2.4 GB) and cut the consumer's own rate at 224 px from ~14,000 to ~6,000 rows/s,
     # still ~6x what a GPU takes; raise it for class-sorted shards at small image sizes.
     shuffle_buffer: int = Field(2048, ge=0)
-    # Object store memory (MB) the training pipeline may fill ahead of the trainers (Ray
-    # Data's resource_limits.object_store_memory); None: Ray Data's default, a share of the
-    # object store. On a small machine the decode tasks otherwise run epochs ahead, taking
-    # the cores the trainers need (docs/PERFORMANCE.md, "The product's rate on 2 cores").
-    ahead_mb: int | None = Field(None, gt=0)
     # Labeled splits for the online kNN monitor; both or neither.
     knn_bank: SourceConfig | None = None
     knn_query: SourceConfig | None = None

@@ -70,18 +70,13 @@ def quiet_ray_data(progress_bars: bool = False) -> None:
     context.print_on_execution_start = False
 
 
-def ingest_execution_options(ahead_mb: int | None = None) -> ray.data.ExecutionOptions:
+def ingest_execution_options() -> ray.data.ExecutionOptions:
     """The driver's Ray Data execution options for a trainer's ``DataConfig``: what
     ``DataConfig.default_ingest_options`` carries over, without the deprecated
-    ``exclude_resources`` it passes (which warns in every run). ``ahead_mb``: the object
-    store memory the pipeline may hold (``data.ahead_mb``): decoded rows waiting for the
-    trainers; past it Ray Data's backpressure pauses the decode tasks."""
+    ``exclude_resources`` it passes (which warns in every run)."""
     options = ray.data.DataContext.get_current().execution_options
-    limits = options.resource_limits
-    if ahead_mb is not None:
-        limits = limits.copy(object_store_memory=ahead_mb * 2**20)
     return ray.data.ExecutionOptions(
-        resource_limits=limits,
+        resource_limits=options.resource_limits,
         preserve_order=options.preserve_order,
         verbose_progress=options.verbose_progress,
     )

@@ -195,7 +195,7 @@ def build_trainer(
         # (pipelines.train.loop.online_knn merges the neighbours across ranks).
         dataset_config=ray.train.DataConfig(
             datasets_to_split=["train", "knn_bank", "knn_query"],
-            execution_options=ingest_execution_options(config.data.ahead_mb),
+            execution_options=ingest_execution_options(),
         ),
     )
 

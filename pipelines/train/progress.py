@@ -14,6 +14,7 @@ import logging
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -101,6 +102,11 @@ def quiet_worker_logs(verbose: bool) -> None:
     if not verbose:
         logging.getLogger().setLevel(logging.WARNING)
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # its own handler, at INFO
+        # Ray Data's iter_torch_batches hands torch read-only (object store) arrays, which
+        # torch warns about once per process; the batches are copied before they are written.
+        warnings.filterwarnings(
+            "ignore", message="The given NumPy array is not writable", category=UserWarning
+        )
 
 
 def format_eta(seconds: float) -> str:

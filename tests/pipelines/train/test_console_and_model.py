@@ -105,3 +105,21 @@ def test_the_run_records_its_data_origin_and_system_metrics(demo_run):
     assert tags["mlflow.note.content"].startswith("simclr on resnet18: 6 steps")
     assert "kNN top-1" in tags["mlflow.note.content"]
     assert any(key.startswith("system/") for key in run.data.metrics)
+
+
+def test_quiet_workers_do_not_warn_about_read_only_batches():
+    """Seen in a clean-clone run: a worker's console line of torch's UserWarning on the
+    read-only arrays Ray Data's iter_torch_batches converts (object store memory)."""
+    import warnings
+
+    import numpy as np
+
+    from pipelines.train.progress import quiet_worker_logs
+
+    array = np.zeros(3, dtype=np.float32)
+    array.setflags(write=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_worker_logs(verbose=False)
+        torch.as_tensor(array)
+    assert not [w for w in caught if "not writable" in str(w.message)]

@@ -21,14 +21,13 @@ import ray.data
 from pipelines.cluster.placement import check_decode_placement
 from pipelines.config import ConfigError, DecodeOn, resolve_path
 from pipelines.evaluate.inference import (
-    DECODE_CPUS,
     Checkpoint,
     connect,
-    embed_dataset,
+    embed_source,
     resolve_checkpoint,
 )
-from pipelines.ingest.dataset import eval_image_dataset, ingest_counts
-from pipelines.ingest.sources import ImageSource, count_read_units
+from pipelines.ingest.dataset import ingest_counts
+from pipelines.ingest.sources import ImageSource
 from pipelines.tracking import default_tracking_uri
 
 
@@ -62,21 +61,13 @@ def embed_corpus(
     context.enable_progress_bars = progress
     counter = f"embed/{time.time_ns()}"
     started = time.perf_counter()
-    images = eval_image_dataset(
+    embed_source(
         source,
-        checkpoint.spec.image_size,
-        counter=counter,
-        keep_key=True,
-        decode_on=decode_on,
-        decode_cpus=DECODE_CPUS,
-    )
-    embed_dataset(
-        images,
-        checkpoint.spec,
-        checkpoint.state_dict,
+        checkpoint,
+        counter,
         batch_size=batch_size,
         concurrency=concurrency,
-        max_actors=count_read_units(source),
+        decode_on=decode_on,
         arrow_output=True,
     ).write_parquet(str(out_dir))
     seconds = time.perf_counter() - started

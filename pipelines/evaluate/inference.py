@@ -27,9 +27,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipelines.cluster.session import connect_ray
-from pipelines.config import load_config
+from pipelines.config import DecodeOn, load_config
+from pipelines.ingest.dataset import eval_image_dataset
 from pipelines.ingest.photometric import normalise
 from pipelines.ingest.recipes import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.ingest.sources import ImageSource, count_read_units
 from pipelines.tracking import redact_uri
 from ssl_models.backbones import build_backbone
 
@@ -204,6 +206,39 @@ def embed_dataset(
         ),
         num_gpus=plan.num_gpus,
         num_cpus=plan.num_cpus,
+    )
+
+
+def embed_source(
+    source: ImageSource,
+    checkpoint: Checkpoint,
+    counter: str,
+    *,
+    batch_size: int = 256,
+    concurrency: int | None = None,
+    decode_on: DecodeOn = "any",
+    arrow_output: bool = False,
+) -> ray.data.Dataset:
+    """Every decodable image of ``source`` (resized, centre-cropped; ``key`` kept) through
+    ``checkpoint``'s backbone: the decode tasks ask for ``DECODE_CPUS`` so that they run
+    beside the inference actors (``plan_actors``), and there are no more actors than read
+    units. Undecodable images are counted in the ``IngestCounter`` named ``counter``."""
+    images = eval_image_dataset(
+        source,
+        checkpoint.spec.image_size,
+        counter=counter,
+        keep_key=True,
+        decode_on=decode_on,
+        decode_cpus=DECODE_CPUS,
+    )
+    return embed_dataset(
+        images,
+        checkpoint.spec,
+        checkpoint.state_dict,
+        batch_size=batch_size,
+        concurrency=concurrency,
+        max_actors=count_read_units(source),
+        arrow_output=arrow_output,
     )
 
 

@@ -25,10 +25,9 @@ from pipelines.cluster.placement import check_decode_placement
 from pipelines.cluster.session import quiet_ray_data
 from pipelines.config import ConfigError, DecodeOn, resolve_path
 from pipelines.evaluate.inference import (
-    DECODE_CPUS,
     Checkpoint,
     connect,
-    embed_dataset,
+    embed_source,
     gather_features,
     resolve_checkpoint,
 )
@@ -40,9 +39,9 @@ from pipelines.evaluate.reports import (
     plot_retrieval_grid,
     plot_singular_values,
 )
-from pipelines.ingest.dataset import eval_image_dataset, ingest_counts, resize_center_crop
+from pipelines.ingest.dataset import ingest_counts, resize_center_crop
 from pipelines.ingest.decode import UndecodableImage, decode_pil
-from pipelines.ingest.sources import ImageSource, count_read_units, read_raw
+from pipelines.ingest.sources import ImageSource, read_raw
 from pipelines.tracking import default_tracking_uri, get_or_create_experiment, redact_uri
 from ssl_models.probes import knn_accuracy, linear_probe, low_label_probe
 
@@ -71,21 +70,13 @@ def split_features(
 ) -> tuple[torch.Tensor, torch.Tensor, list[str], dict]:
     """(features (N, D), labels (N,), keys, ingest counts) of one labeled split."""
     counter = f"eval/{split}/{time.time_ns()}"
-    images = eval_image_dataset(
+    embedded = embed_source(
         source,
-        checkpoint.spec.image_size,
-        counter=counter,
-        keep_key=True,
-        decode_on=decode_on,
-        decode_cpus=DECODE_CPUS,
-    )
-    embedded = embed_dataset(
-        images,
-        checkpoint.spec,
-        checkpoint.state_dict,
+        checkpoint,
+        counter,
         batch_size=batch_size,
         concurrency=concurrency,
-        max_actors=count_read_units(source),
+        decode_on=decode_on,
     )
     features, labels, keys = gather_features(embedded, with_keys=True)
     return features, labels, keys or [], ingest_counts(counter)

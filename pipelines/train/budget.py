@@ -59,10 +59,7 @@ class TrainingBudget:
     def fraction(self, step: int) -> float:
         """How far through the run, in [0, 1]: steps done out of ``total_steps``, or the
         training time out of ``max_seconds`` when that is further along."""
-        by_steps = step / self.total_steps
-        if not self.timed:
-            return min(1.0, by_steps)
-        return min(1.0, max(by_steps, self.elapsed / self.max_seconds))
+        return min(1.0, max(step / self.total_steps, self.time_fraction() or 0.0))
 
     def time_fraction(self) -> float | None:
         """Training time spent / the budget (None without a time budget)."""

@@ -60,8 +60,8 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
-def load_images(data_dir: Path, n: int) -> tuple[torch.Tensor, str]:
-    """n images as normalised (n, 3, 16, 16) floats, and where they came from."""
+def load_images(data_dir: Path, n: int, side: int = SIDE) -> tuple[torch.Tensor, str]:
+    """n images as normalised (n, 3, side, side) floats, and where they came from."""
     files = sorted(Path(data_dir).glob("train-*.parquet"))
     if files:
         source = f"CIFAR-10 train ({data_dir})"
@@ -81,7 +81,7 @@ def load_images(data_dir: Path, n: int) -> tuple[torch.Tensor, str]:
         np.asarray(
             Image.open(io.BytesIO(data if isinstance(data, bytes) else data["bytes"]))
             .convert("RGB")
-            .resize((SIDE, SIDE), Image.Resampling.BICUBIC)
+            .resize((side, side), Image.Resampling.BICUBIC)
         )
         for data in jpegs[:n]
     ]

@@ -34,11 +34,21 @@ def handler(target: str, explained_as: str | None = None) -> Handler:
     return run
 
 
-def add_verbose(parser: argparse.ArgumentParser) -> None:
+def add_ray_options(parser: argparse.ArgumentParser) -> None:
+    """The options of every command that runs on Ray: where, and how much of Ray to show."""
+    parser.add_argument(
+        "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)"
+    )
     parser.add_argument(
         "--verbose",
         action="store_true",
         help="show Ray's own log lines (reports, worker start-up, Ray Data) too",
+    )
+
+
+def add_overrides(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help=f"{help_text} (repeatable)"
     )
 
 
@@ -57,6 +67,7 @@ def add_inspect(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--format", default="auto", choices=FORMATS)
     parser.add_argument("--s3-endpoint", default=None, help="e.g. http://127.0.0.1:9000")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_ray_options(parser)
     parser.set_defaults(func=handler("pipelines.ingest.inspect:run_inspect"))
 
 
@@ -87,7 +98,7 @@ def add_index(subparsers: argparse._SubParsersAction) -> None:
         help=f"manifest rows per shard, about (default {SHARD_ENTRIES:,})",
     )
     parser.add_argument("--s3-endpoint", default=None, help="e.g. http://127.0.0.1:9000")
-    parser.add_argument("--address", default=None, help="a Ray cluster (default: RAY_ADDRESS)")
+    add_ray_options(parser)
     parser.set_defaults(func=handler("pipelines.ingest.manifest:run_index"))
 
 
@@ -96,22 +107,13 @@ def add_pretrain(subparsers: argparse._SubParsersAction) -> None:
         "pretrain", help="pretrain a backbone with a self-supervised method"
     )
     parser.add_argument("--config", help="YAML run config (see configs/)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set train.batch_size=128 (repeatable)",
-    )
-    parser.add_argument(
-        "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)"
-    )
+    add_overrides(parser, "override a config field, e.g. --set train.batch_size=128")
+    add_ray_options(parser)
     parser.add_argument(
         "--register-model",
         metavar="NAME",
         help="register the trained backbone in the MLflow model registry under NAME",
     )
-    add_verbose(parser)
     parser.set_defaults(func=pretrain)
 
 
@@ -190,16 +192,12 @@ def add_tune(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--trials", type=int, default=8, help="number of trials (default 8)")
     parser.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
     parser.add_argument("--search", choices=["random", "optuna"], default="random")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override the base config"
-    )
+    add_overrides(parser, "override a field of the base config")
     parser.add_argument("--name", help="sweep name (default: <space>-sweep); re-use it to resume")
     parser.add_argument(
         "--storage-path", default="runs/sweeps", help="where trials and checkpoints go"
     )
-    parser.add_argument(
-        "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)"
-    )
+    add_ray_options(parser)
     parser.set_defaults(func=handler("pipelines.tune.sweep:run_command"))
 
 
@@ -223,12 +221,15 @@ def add_backbone_options(parser: argparse.ArgumentParser) -> None:
         "--image-size", type=int, help="input side in pixels (default: from config.yaml)"
     )
     parser.add_argument(
+        "--pool",
+        choices=("cls", "mean"),
+        help="a ViT's feature: class token or mean patch token (default: from config.yaml)",
+    )
+    parser.add_argument(
         "--tracking-uri",
         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)",
     )
-    parser.add_argument(
-        "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)"
-    )
+    add_ray_options(parser)
     parser.add_argument("--batch-size", type=int, default=256, help="images per inference batch")
     parser.add_argument(
         "--concurrency", type=int, help="inference actors (default: one per GPU, else CPUs - 1)"
@@ -302,7 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ConnectionError) as error:
+        # A path or an address the user gave (the handlers check them before Ray starts):
+        # one line naming it, not a traceback.
+        print(f"darkmatter {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

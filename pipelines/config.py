@@ -138,8 +138,12 @@ MethodConfig = Annotated[
 
 
 class BackboneConfig(Strict):
+    """``pool``: a ViT's feature, ``cls`` (class token) or ``mean`` (mean patch token,
+    I-JEPA's evaluation); what online kNN, ``eval`` and ``embed`` read."""
+
     name: str = "resnet18"
     small_image_stem: bool = False
+    pool: Literal["cls", "mean"] = "cls"
 
     @model_validator(mode="after")
     def _known(self) -> BackboneConfig:
@@ -147,6 +151,8 @@ class BackboneConfig(Strict):
             raise ValueError(
                 f"unknown backbone {self.name!r}; accepted: {', '.join(sorted(BACKBONES))}"
             )
+        if self.pool != "cls" and not self.name.startswith("vit"):
+            raise ValueError(f"pool {self.pool!r} needs a ViT backbone, not {self.name!r}")
         return self
 
 
@@ -222,6 +228,9 @@ class DataConfig(Strict):
     # cpu_worker, k8s/rayjob.yaml's cpu-workers; docs/CLUSTER.md), never beside the trainers.
     decode_on: DecodeOn = "any"
     mask: MaskConfig | None = None
+    # A worker that waits this long for a batch stops the run with a message that says the
+    # data stalled (starved read or decode tasks, a hung store); the run resumes by name.
+    stall_timeout_s: float = Field(600.0, gt=0, le=7 * 24 * 3600)
 
     @model_validator(mode="after")
     def _knn_pair(self) -> DataConfig:
@@ -320,6 +329,13 @@ class TrainConfig(Strict):
     log_every: int = Field(10, gt=0)
     diagnostics_every: int = Field(50, gt=0)
     max_nonfinite_in_a_row: int = Field(5, gt=0)
+    # After max_nonfinite_in_a_row skipped steps the run restarts from its last checkpoint
+    # with the learning rate times this (cumulative over restarts; checkpoint.max_failures
+    # bounds them), else stops naming the step.
+    nonfinite_lr_factor: float = Field(0.5, gt=0, le=1)
+    # Test hook (fault injection, docs/RELIABILITY.md): the steps (1-based, as logged) at which
+    # rank 0's views are made NaN, in every attempt (a divergence that a restart repeats).
+    inject_nonfinite_at: list[int] = Field(default_factory=list)
     prefetch_batches: int = Field(2, ge=0)
     # How Ray places the training workers (ray.train.ScalingConfig.placement_strategy):
     # PACK fills a node first; SPREAD / STRICT_SPREAD put workers on different nodes.
@@ -427,6 +443,8 @@ def format_validation_error(error: ValidationError) -> str:
         elif e["type"] == "union_tag_invalid" and loc == ["method"]:
             message = f"unknown method {e['ctx']['tag']!r}; accepted: {', '.join(METHOD_CONFIGS)}"
         lines.append(f"{field}: {message}" if loc else message)
+    if len(lines) == 1:  # one line, for one mistake
+        return f"invalid config: {lines[0]}"
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

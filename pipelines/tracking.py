@@ -10,6 +10,7 @@ import hashlib
 import importlib.metadata
 import io
 import json
+import logging
 import os
 import re
 import shlex
@@ -51,6 +52,13 @@ def local_artifact_root(tracking_uri: str) -> str | None:
 def redact_uri(text: str) -> str:
     """``scheme://user:password@host`` -> ``scheme://host`` wherever it appears in ``text``."""
     return re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@", r"\1", text)
+
+
+def quiet_mlflow(verbose: bool = False) -> None:
+    """MLflow's INFO lines (e.g. "Creating initial MLflow database tables...") off the
+    console unless ``verbose``; its warnings and errors still show."""
+    if not verbose:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def get_or_create_experiment(client: MlflowClient, experiment: str, tracking_uri: str) -> str:

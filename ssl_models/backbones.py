@@ -27,16 +27,22 @@ from torchvision.models.vision_transformer import VisionTransformer
 from ssl_models.checks import check_choice
 from ssl_models.patches import sincos_2d
 
+POOLS = ("cls", "mean")
+
 
 class Backbone(nn.Module):
     """A feature extractor: (N, 3, H, W) images -> (N, feature_dim) features.
 
     For a ViT, ``patch_size`` (pixels) and ``num_patches`` (T, the patch grid's side
     squared) say how ``tokens`` cuts an image; both are None for convolutional backbones.
+    ``pool`` is a ViT's feature: ``cls``, the class token (torchvision's forward, MAE's
+    linear probe), or ``mean``, the mean of the patch tokens (I-JEPA's evaluation,
+    Assran et al. 2023, sec. 5: its encoder has no class token to train).
     """
 
-    def __init__(self, name: str, model: nn.Module, feature_dim: int) -> None:
+    def __init__(self, name: str, model: nn.Module, feature_dim: int, pool: str = "cls") -> None:
         super().__init__()
+        check_choice("pool", pool, POOLS)
         self.name = name
         self.model = model
         self.feature_dim = feature_dim
@@ -45,6 +51,9 @@ class Backbone(nn.Module):
         if isinstance(model, VisionTransformer):
             self.patch_size = model.patch_size
             self.num_patches = (model.image_size // model.patch_size) ** 2
+        elif pool != "cls":
+            raise ValueError(f"backbone {name}: pool {pool!r} needs a ViT backbone")
+        self.pool = pool
 
     def _check_images(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -54,6 +63,8 @@ class Backbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         self._check_images(images)
+        if self.pool == "mean":
+            return self.tokens(images)[:, 1:].mean(dim=1)
         return self.model(images)
 
     def tokens(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -222,12 +233,14 @@ BACKBONES: dict[str, Callable[[bool, int], tuple[nn.Module, int]]] = {
 }
 
 
-def build_backbone(name: str, small_image_stem: bool = False, image_size: int = 224) -> Backbone:
-    """A randomly initialised backbone by name (see ``BACKBONES``).
+def build_backbone(
+    name: str, small_image_stem: bool = False, image_size: int = 224, pool: str = "cls"
+) -> Backbone:
+    """A randomly initialised backbone by name (see ``BACKBONES``); ``pool``: see ``Backbone``.
 
     small_image_stem: for 32px inputs (CIFAR) — a stride-1 3x3 stem for ResNets and
     RegNets (stride 2 for ``resnet18_3stage``), 4px patches for ViTs. image_size matters only for ViTs (position embeddings).
     """
     check_choice("backbone", name, BACKBONES)
     model, feature_dim = BACKBONES[name](small_image_stem, image_size)
-    return Backbone(name, model, feature_dim)
+    return Backbone(name, model, feature_dim, pool)

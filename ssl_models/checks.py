@@ -7,6 +7,11 @@ from collections.abc import Iterable
 import torch
 
 
+class NonFiniteInputError(ValueError):
+    """An objective's input holds NaN or Inf: a diverging model, not a caller's mistake. The
+    training step catches it and skips the step (``pipelines.train.step``)."""
+
+
 def check_embeddings(fn: str, name: str, z: torch.Tensor) -> None:
     """z must be a finite floating (N, D) tensor."""
     if not isinstance(z, torch.Tensor):
@@ -18,7 +23,7 @@ def check_embeddings(fn: str, name: str, z: torch.Tensor) -> None:
     if z.shape[0] == 0:
         raise ValueError(f"{fn}: {name} is an empty batch")
     if not torch.isfinite(z).all():
-        raise ValueError(f"{fn}: {name} contains NaN or Inf")
+        raise NonFiniteInputError(f"{fn}: {name} contains NaN or Inf")
 
 
 def check_pair(

@@ -21,10 +21,13 @@ def sample_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A real local Ray started once for the suite (starting Ray costs seconds)."""
+    """A real local Ray started once for the suite (starting Ray costs seconds), the way the
+    commands start theirs (``start_local_ray``: loopback only, a private token file)."""
     import ray
 
+    from pipelines.cluster.session import start_local_ray
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        start_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

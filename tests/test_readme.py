@@ -56,7 +56,7 @@ def shortened(command: str) -> list[str]:
     if argv[1] == "pretrain":
         return argv + SHORTER_RUN
     if argv[1] == "tune":
-        argv[argv.index("--trials") + 1] = "2"
+        argv[argv.index("--trials") + 1] = "1"  # many trials: tests/pipelines/tune
         return argv + SHORTER_TRIAL
     if argv[1] in ("inspect", "index", "eval", "embed"):
         return argv
@@ -108,9 +108,9 @@ def test_readme_command_runs_as_written(command: str, fresh_copy: Path):
         assert list((fresh_copy / "embeddings").glob("*.parquet"))
     elif subcommand == "tune":
         assert "trial" in result.stdout and "best config" in result.stdout, output
-        # Both trials really trained: each has its own finished run directory.
+        # The trial really trained: it has its own finished run directory.
         trials = fresh_copy / "runs" / "sweeps" / "simclr-sweep-trials"
-        assert len([p for p in trials.iterdir() if p.is_dir()]) == 2
+        assert len([p for p in trials.iterdir() if p.is_dir()]) == 1
 
 
 @pytest.mark.parametrize("command", CLUSTER_COMMANDS)

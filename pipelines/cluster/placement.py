@@ -83,6 +83,37 @@ def check_checkpoint_storage(config: RunConfig, storage_path: str) -> None:
     )
 
 
+# --- CPUs for Ray Data beside the trainers ----------------------------------------------
+
+# The CPUs Ray Data needs to make progress: one decode task (``map_batches`` tasks take one
+# CPU; pipelines.ingest.dataset); the read tasks' 0.05 run between decodes.
+DATA_MIN_CPUS = 1.0
+
+
+def check_cpus_for_data(config: RunConfig, cluster_cpus: float, autoscaling: bool) -> None:
+    """Raise ConfigError when the training workers leave Ray Data less than
+    ``DATA_MIN_CPUS`` of a cluster of ``cluster_cpus`` CPUs that no autoscaler can grow:
+    the read and decode tasks would never be placed and the run would wait forever."""
+    workers, per_worker = config.train.num_workers, config.train.cpus_per_worker
+    trainers = workers * per_worker
+    left = cluster_cpus - trainers
+    if autoscaling or left >= DATA_MIN_CPUS:
+        return
+    raise ConfigError(
+        f"the Ray cluster has {cluster_cpus:g} CPUs and the {workers} training workers take "
+        f"{trainers} of them (train.num_workers={workers} x train.cpus_per_worker="
+        f"{per_worker}), leaving {max(left, 0):g} for Ray Data, which needs at least "
+        f"{DATA_MIN_CPUS:g} to read and decode images: the run would wait forever without a "
+        "step. Give the cluster more CPUs (ray start --num-cpus, another node), or lower "
+        "train.num_workers or train.cpus_per_worker."
+    )
+
+
+def check_cpus_left_for_data(config: RunConfig) -> None:
+    """``check_cpus_for_data`` against the cluster this process is connected to."""
+    check_cpus_for_data(config, cluster_cpus(), can_add_nodes(autoscaler_config()))
+
+
 # --- where the read and decode tasks run ------------------------------------------------
 
 

@@ -27,8 +27,8 @@ from pipelines.evaluate.inference import (
     resolve_checkpoint,
 )
 from pipelines.ingest.dataset import ingest_counts
-from pipelines.ingest.sources import ImageSource
-from pipelines.tracking import default_tracking_uri
+from pipelines.ingest.sources import ImageSource, check_paths_here
+from pipelines.tracking import default_tracking_uri, quiet_mlflow
 
 
 @dataclass
@@ -87,6 +87,7 @@ def corpus_source(args: argparse.Namespace) -> ImageSource:
 
 
 def run_embed(args: argparse.Namespace) -> int:
+    quiet_mlflow(args.verbose)
     try:
         checkpoint = resolve_checkpoint(
             args.checkpoint,
@@ -94,12 +95,14 @@ def run_embed(args: argparse.Namespace) -> int:
             backbone=args.backbone,
             small_image_stem=args.small_image_stem,
             image_size=args.image_size,
+            pool=args.pool,
         )
         source = corpus_source(args)
+        check_paths_here(source, args.address)
     except (ValueError, FileNotFoundError) as error:
         print(f"darkmatter embed: {error}", file=sys.stderr)
         return 2
-    connect(args.address)
+    connect(args.address, args.verbose)
     try:
         check_decode_placement(args.decode_on)
         result = embed_corpus(

@@ -29,10 +29,12 @@ from mlflow.tracking import MlflowClient
 from pipelines.cluster.session import connect_ray
 from pipelines.config import DecodeOn, load_config
 from pipelines.ingest.dataset import eval_image_dataset
+from pipelines.ingest.pacing import pace_scheduling_loops
 from pipelines.ingest.photometric import normalise
 from pipelines.ingest.recipes import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.ingest.sources import ImageSource, count_read_units
 from pipelines.tracking import redact_uri
+from pipelines.weights import load_weights
 from ssl_models.backbones import build_backbone
 
 RUN_ID = re.compile(r"^(?:runs:/)?([0-9a-f]{32})/?$")
@@ -50,6 +52,7 @@ class BackboneSpec:
     image_size: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    pool: str = "cls"
 
     @classmethod
     def from_run_config(cls, config_file: str | Path) -> BackboneSpec:
@@ -62,6 +65,7 @@ class BackboneSpec:
             config.data.recipe.size,
             view.mean,
             view.std,
+            config.backbone.pool,
         )
 
 
@@ -69,8 +73,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """``backbone.pt`` (``backbone.model.state_dict()``), read safely on the CPU."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        problem = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"checkpoint {str(path)!r} {problem}")
+    state = load_weights(path)
     if not isinstance(state, dict):
         raise ValueError(
             f"checkpoint {str(path)!r} is not a state dict (got {type(state).__name__})"
@@ -82,7 +87,7 @@ def build_frozen_backbone(
     spec: BackboneSpec, state_dict: dict[str, torch.Tensor] | None
 ) -> torch.nn.Module:
     """The backbone in eval mode with ``state_dict`` loaded strictly (None: random init)."""
-    backbone = build_backbone(spec.name, spec.small_image_stem, spec.image_size)
+    backbone = build_backbone(spec.name, spec.small_image_stem, spec.image_size, spec.pool)
     if state_dict is not None:
         try:
             backbone.model.load_state_dict(state_dict, strict=True)
@@ -267,9 +272,11 @@ def gather_features(
     return x[index], y[index], [keys[i] for i in order]
 
 
-def connect(address: str | None = None) -> None:
-    """Ray for inference: a cluster, or an embedded local Ray."""
-    connect_ray(address)
+def connect(address: str | None = None, verbose: bool = False) -> None:
+    """Ray for inference: a cluster, or an embedded local Ray; its pipelines' scheduling
+    loops paced (``pipelines.ingest.pacing``: they run in this process)."""
+    connect_ray(address, verbose=verbose)
+    pace_scheduling_loops()
 
 
 # --- which backbone: a file, an MLflow run, or random init ---------------------------------
@@ -287,7 +294,11 @@ class Checkpoint:
 
 
 def _spec(
-    config_file: Path | None, backbone: str | None, small_image_stem: bool | None, size: int | None
+    config_file: Path | None,
+    backbone: str | None,
+    small_image_stem: bool | None,
+    size: int | None,
+    pool: str | None = None,
 ) -> BackboneSpec:
     """From the run's config.yaml when there is one, with the command-line options on top."""
     if config_file is not None and config_file.is_file():
@@ -305,6 +316,7 @@ def _spec(
         size or spec.image_size,
         spec.mean,
         spec.std,
+        pool or spec.pool,
     )
 
 
@@ -349,12 +361,13 @@ def resolve_checkpoint(
     backbone: str | None = None,
     small_image_stem: bool | None = None,
     image_size: int | None = None,
+    pool: str | None = None,
     random_seed: int = 0,
 ) -> Checkpoint:
     """A ``backbone.pt`` path, an MLflow run id (``<32 hex>`` or ``runs:/<id>``) whose
     ``backbone.pt`` and ``config.yaml`` artifacts are fetched, or ``random`` (random init,
-    drawn with ``random_seed``)."""
-    options = (backbone, small_image_stem, image_size)
+    drawn with ``random_seed``). The options override what the run's ``config.yaml`` says."""
+    options = (backbone, small_image_stem, image_size, pool)
     if checkpoint == RANDOM:
         # Drawn once here: every actor and every split must see the same random weights.
         spec = _spec(None, *options)

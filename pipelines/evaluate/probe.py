@@ -41,8 +41,13 @@ from pipelines.evaluate.reports import (
 )
 from pipelines.ingest.dataset import ingest_counts, resize_center_crop
 from pipelines.ingest.decode import UndecodableImage, decode_pil
-from pipelines.ingest.sources import ImageSource, read_raw
-from pipelines.tracking import default_tracking_uri, get_or_create_experiment, redact_uri
+from pipelines.ingest.sources import ImageSource, check_paths_here, read_raw
+from pipelines.tracking import (
+    default_tracking_uri,
+    get_or_create_experiment,
+    quiet_mlflow,
+    redact_uri,
+)
 from ssl_models.probes import knn_accuracy, linear_probe, low_label_probe
 
 RESULT_KEYS = ("knn_top1", "linear_top1", "linear_1pct_top1", "linear_10pct_top1")
@@ -224,6 +229,7 @@ def log_results(
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    quiet_mlflow(args.verbose)
     tracking_uri = args.tracking_uri or default_tracking_uri()
     started = time.perf_counter()
     try:
@@ -233,16 +239,19 @@ def run_eval(args: argparse.Namespace) -> int:
             backbone=args.backbone,
             small_image_stem=args.small_image_stem,
             image_size=args.image_size,
+            pool=args.pool,
             random_seed=args.seed,
         )
         sources = {
             split: labeled_source(path, args.label_column, args.image_column, args.format)
             for split, path in (("train", args.train), ("test", args.test))
         }
+        for source in sources.values():
+            check_paths_here(source, args.address)
     except (ValueError, FileNotFoundError) as error:
         print(f"darkmatter eval: {error}", file=sys.stderr)
         return 2
-    connect(args.address)
+    connect(args.address, args.verbose)
     quiet_ray_data(progress_bars=True)  # the features' passes are eval's progress
     try:
         check_decode_placement(args.decode_on)

@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.cluster.session import connect_ray
 from pipelines.ingest.decode import UndecodableImage, load_rgb, open_image
-from pipelines.ingest.sources import ImageSource, count_rows, read_raw
+from pipelines.ingest.sources import ImageSource, check_paths_here, count_rows, read_raw
 
 
 def inspect_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -122,8 +123,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         image_column=args.image_column,
         s3_endpoint=args.s3_endpoint,
     )
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    check_paths_here(source, args.address)
+    connect_ray(args.address, verbose=args.verbose)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours is the bar
     summary, bad = summarise(source, progress=not args.no_progress)

@@ -57,6 +57,7 @@ from pipelines.ingest.sources import (
     IMAGE_EXTENSIONS,
     ImageSource,
     check_columns,
+    check_paths_here,
     filesystem,
 )
 
@@ -379,7 +380,8 @@ def run_index(args: argparse.Namespace) -> int:
             label_column=args.label_column,
             s3_endpoint=args.s3_endpoint,
         )
-        connect_ray(args.address)
+        check_paths_here(source, args.address)
+        connect_ray(args.address, verbose=args.verbose)
         marker = build_manifest(
             source,
             args.out,

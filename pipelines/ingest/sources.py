@@ -163,6 +163,21 @@ def _key(fs_path: str, source: ImageSource) -> str:
     return f"s3://{fs_path}" if source.is_s3 else fs_path
 
 
+def check_paths_here(source: ImageSource, address: str | None = None) -> None:
+    """A missing local path or an empty folder, refused before an embedded local Ray starts
+    (FileNotFoundError naming it). With a cluster (``address`` or RAY_ADDRESS) the paths are
+    the nodes', and listing them in Ray tasks finds what is missing."""
+    if source.is_s3 or address or os.environ.get("RAY_ADDRESS"):
+        return
+    for path in source.paths:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path!r} does not exist")
+        if os.path.isdir(path):
+            with os.scandir(path) as entries:
+                if next(entries, None) is None:
+                    raise FileNotFoundError(f"{path!r} is an empty folder: no images to read")
+
+
 # --- planning (driver; listing and footers in Ray tasks) -------------------------
 
 
@@ -883,6 +898,9 @@ def unit_rows(
     """
     manifest = open_manifest(source)
     if manifest is not None:
+        if position is not None and manifest.rows:
+            if all(position.coverage(e, manifest.rows) >= 1 for e in range(epochs)):
+                raise _nothing_left(source, epochs)
         return _manifest_unit_rows(
             source,
             manifest,
@@ -902,11 +920,15 @@ def unit_rows(
             if task is not None:
                 items.append({"unit": json.dumps(task), "epoch": epoch, "task": index})
     if not items:
-        raise ValueError(
-            f"ImageSource.path={source.path!r}: nothing left to read in {epochs} epoch(s) "
-            "(the data position says every row was consumed)"
-        )
+        raise _nothing_left(source, epochs)
     return ray.data.from_items(items, override_num_blocks=min(len(items), 1024))
+
+
+def _nothing_left(source: ImageSource, epochs: int) -> ValueError:
+    return ValueError(
+        f"ImageSource.path={source.path!r}: nothing left to read in {epochs} epoch(s) "
+        "(the data position says every row was consumed)"
+    )
 
 
 def read_concurrency() -> int:

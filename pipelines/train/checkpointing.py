@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from pipelines.ingest.position import DataPosition
+from pipelines.train.record import RECORD, RECORD_COPY, RecordUnreadable, restore_record
+from pipelines.weights import load_weights
 
 STATE_FILE = "state.pt"
 # The data position (`pipelines.ingest.position`), apart from the weights: the driver reads
@@ -30,6 +32,7 @@ class Progress:
     mlflow_run_id: str = ""
     last_knn_top1: float = -1.0
     train_seconds: float = 0.0  # training time spent (schedule.max_minutes counts it)
+    lr_scale: float = 1.0  # the learning rate's factor after non-finite restarts
 
     @classmethod
     def from_state(cls, state: dict) -> Progress:
@@ -68,16 +71,27 @@ def load_position(directory: str | Path) -> DataPosition:
     path = Path(directory) / POSITION_FILE
     if not path.exists():
         return DataPosition()
-    return DataPosition.from_state(torch.load(path, map_location="cpu", weights_only=True))
+    return DataPosition.from_state(load_weights(path))
 
 
 def latest_position(storage_path: str, run_name: str) -> tuple[int, DataPosition]:
     """(step, data position) of the checkpoint a rerun of ``run_name`` resumes from (Ray
     Train's latest committed one); (0, empty) when there is none."""
+    run_dir = f"{storage_path.rstrip('/')}/{run_name}"
     try:
-        result = ray.train.Result.from_path(f"{storage_path.rstrip('/')}/{run_name}")
+        result = ray.train.Result.from_path(run_dir)
     except RuntimeError:  # no run folder or no checkpoint snapshot yet
         return 0, DataPosition()
+    except Exception as error:  # noqa: BLE001 - Ray Train's record does not read (a full disk)
+        if not restore_record(run_dir):
+            raise RecordUnreadable(
+                f"Ray Train's record of the committed checkpoints, {run_dir}/{RECORD}, does "
+                f"not read ({error}) and its last good copy ({RECORD_COPY}) cannot be put "
+                "back: free space in checkpoint.storage_path and run the same command again; "
+                "without that copy no checkpoint was committed: delete the record to start "
+                "the run afresh"
+            ) from None
+        result = ray.train.Result.from_path(run_dir)
     if result.checkpoint is None:
         return 0, DataPosition()
     with result.checkpoint.as_directory() as directory:
@@ -94,7 +108,7 @@ def load_checkpoint(
     """Restore what ``save_checkpoint`` wrote into the given objects; returns its Progress and
     data position."""
     with checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+        state = load_weights(Path(directory) / STATE_FILE)
         position = load_position(directory)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

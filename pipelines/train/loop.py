@@ -28,9 +28,10 @@ from pipelines.tracking import RunTracker
 from pipelines.train.budget import TrainingBudget
 from pipelines.train.checkpointing import Progress, load_checkpoint, temporary_checkpoint
 from pipelines.train.consumed import ConsumedRows
-from pipelines.train.optim import build_optimizer, build_schedule
+from pipelines.train.optim import build_optimizer, build_schedule, scale_learning_rate
 from pipelines.train.precision import in_mixed_precision, resolve_precision
 from pipelines.train.progress import attach_console, post_progress, quiet_worker_logs, say
+from pipelines.train.stall import within_timeout
 from pipelines.train.step import NonFinitePolicy, train_step
 from pipelines.train.throughput import ThroughputWindow
 from ssl_models.backbones import build_backbone
@@ -49,7 +50,8 @@ class LoopConfig:
     ``local_dir``, ``tracking_uri``: absolute (workers ``chdir``); ``ingest_counter``: the
     name of the train split's decode counter; ``extra_columns``: batch columns drawn in the
     data pipeline (masks, ...) that the method receives as ``Batch.extras``;
-    ``rows_per_epoch``: images in one epoch (for ``data/epoch_coverage``).
+    ``rows_per_epoch``: images in one epoch (for ``data/epoch_coverage``); ``lr_scale``: the
+    learning rate's factor after restarts for non-finite steps (``train.nonfinite_lr_factor``).
     """
 
     config: RunConfig
@@ -63,6 +65,7 @@ class LoopConfig:
     rows_per_epoch: int = 0
     verbose: bool = False
     register_model: str | None = None
+    lr_scale: float = 1.0
 
     def __getstate__(self) -> dict[str, Any]:
         # The run config travels as JSON: its per-method models are built at import time
@@ -81,6 +84,7 @@ def build_model(config: RunConfig) -> Method:
         config.backbone.name,
         small_image_stem=config.backbone.small_image_stem,
         image_size=config.data.recipe.size,
+        pool=config.backbone.pool,
     )
     return build_method(config.method.name, backbone, **config.method.options)
 
@@ -112,10 +116,14 @@ def train_loop_per_worker(loop_config: dict[str, LoopConfig]) -> None:
 
     # ---- resume from the last committed checkpoint, if any ------------------------------------
     progress, position = Progress(mlflow_run_id=loop.mlflow_run_id or ""), DataPosition()
+    base_lrs = list(schedule.base_lrs)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         progress, position = load_checkpoint(checkpoint, model, optimizer, schedule)
         progress.mlflow_run_id = loop.mlflow_run_id or progress.mlflow_run_id
+    # The lowest scale yet: this invocation's restarts, or an earlier invocation's checkpoint.
+    progress.lr_scale = min(progress.lr_scale, loop.lr_scale)
+    scale_learning_rate(schedule, base_lrs, progress.lr_scale)
     forward = ray.train.torch.prepare_model(model, move_to_device=False)
     if config.train.compile:
         forward = torch.compile(forward)
@@ -141,11 +149,15 @@ def train_loop_per_worker(loop_config: dict[str, LoopConfig]) -> None:
         local_shuffle_seed=config.train.seed + rank + progress.step,
     )
     first_step = progress.step
+    inject_at = set(config.train.inject_nonfinite_at) if rank == 0 else set()
+    batches = within_timeout(batches, config.data.stall_timeout_s, lambda: progress.step + 1)
     for batch in window.timed(batches):
         if progress.step == first_step:  # the first batch is here: training time starts now
             budget.start(progress.train_seconds)
         generator.manual_seed(hash((config.train.seed, rank, progress.step)) & 0x7FFF_FFFF_FFFF)
         views = make_views(batch, recipe, generator, device, view_buffers, channels_last)
+        if progress.step + 1 in inject_at:  # test hook: a diverged forward pass on rank 0
+            views = [torch.full_like(view, float("nan")) for view in views]
         inputs = Batch(views, extras={c: batch[c].to(device) for c in loop.extra_columns})
         result = train_step(
             model,
@@ -173,10 +185,12 @@ def train_loop_per_worker(loop_config: dict[str, LoopConfig]) -> None:
             post_progress(line, progress.step, shown)
             window.reset()
         diagnose = is_due(progress.step, config.train.diagnostics_every, last)
-        if rank == 0 and diagnose and result.output.embedding.shape[0] >= 2:
+        if rank == 0 and diagnose and result.finite and result.output.embedding.shape[0] >= 2:
             metrics.update(model.diagnostics(result.output))
         if knn_due(config, progress.step, loop.steps_per_epoch, last):  # every rank: sharded
-            progress.last_knn_top1 = metrics["knn_top1"] = online_knn(model, config, device)
+            progress.last_knn_top1 = metrics["knn_top1"] = online_knn(
+                model, config, device, progress.step
+            )
             epoch = math.ceil(progress.step / loop.steps_per_epoch)
             if rank == 0:
                 say(f"[darkmatter] epoch {epoch}: kNN top-1 {100 * progress.last_knn_top1:.2f}%")
@@ -303,7 +317,14 @@ def start_tracking(
             else f"{loop.total_steps} steps"
         )
         + (f", resuming at step {progress.step}" if progress.step else "")
+        + (
+            f", learning rate x{progress.lr_scale:g} after non-finite steps"
+            if progress.lr_scale < 1
+            else ""
+        )
     )
+    if progress.lr_scale < 1:
+        tracker.set_tag("lr_scale", f"{progress.lr_scale:g}")
     return tracker
 
 
@@ -343,12 +364,21 @@ def knn_due(config: RunConfig, step: int, steps_per_epoch: int, last: bool) -> b
 
 @torch.no_grad()
 def extract_features(
-    model: Method, shard, spec: ViewSpec, device: torch.device, batch_size: int = 512
+    model: Method,
+    shard,
+    spec: ViewSpec,
+    device: torch.device,
+    batch_size: int = 512,
+    stall_timeout_s: float | None = None,
+    step: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features (N, D) and labels (N,) of a labeled eval dataset (columns ``image``,
-    ``label``)."""
+    ``label``); ``DataStallError`` when a batch takes longer than ``stall_timeout_s``."""
     features, labels = [], []
-    for batch in shard.iter_torch_batches(batch_size=batch_size):
+    batches = shard.iter_torch_batches(batch_size=batch_size)
+    if stall_timeout_s is not None:
+        batches = within_timeout(batches, stall_timeout_s, lambda: step)
+    for batch in batches:
         images = normalise(batch["image"].to(device), spec.mean, spec.std)
         features.append(model.backbone(images).float().cpu())
         labels.append(batch["label"].long().cpu())
@@ -357,7 +387,7 @@ def extract_features(
     return torch.cat(features), torch.cat(labels)
 
 
-def online_knn(model: Method, config: RunConfig, device: torch.device) -> float:
+def online_knn(model: Method, config: RunConfig, device: torch.device, step: int) -> float:
     """Weighted kNN top-1 of the current backbone on the configured labeled splits, the same
     on every rank. Every rank calls it at the same step: each embeds its shard of the bank
     (at most ``data.knn_bank_max`` images in all) and of the queries, and the neighbours are
@@ -365,14 +395,19 @@ def online_knn(model: Method, config: RunConfig, device: torch.device) -> float:
     spec = config.data.recipe.build().views[0]
     was_training = model.training
     model.eval()
-    bank_x, bank_y = extract_features(model, ray.train.get_dataset_shard("knn_bank"), spec, device)
-    query_x, query_y = extract_features(
-        model, ray.train.get_dataset_shard("knn_query"), spec, device
+    bank, query = (
+        extract_features(
+            model,
+            ray.train.get_dataset_shard(split),
+            spec,
+            device,
+            stall_timeout_s=config.data.stall_timeout_s,
+            step=step,
+        )
+        for split in ("knn_bank", "knn_query")
     )
     model.train(was_training)
-    return sharded_knn_accuracy(
-        bank_x, bank_y, query_x, query_y, config.data.knn_k, config.data.knn_temperature
-    )
+    return sharded_knn_accuracy(*bank, *query, config.data.knn_k, config.data.knn_temperature)
 
 
 def finish_run(tracker: RunTracker, model: Method, loop: LoopConfig) -> None:

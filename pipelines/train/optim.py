@@ -123,3 +123,16 @@ def build_schedule(
         return lr_factor(step, config.warmup_steps, total_steps, config.min_lr_ratio, fraction)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def scale_learning_rate(
+    schedule: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float], scale: float
+) -> None:
+    """The schedule's peak learning rates set to ``base_lrs`` (as built, before a checkpoint
+    restored its own) times ``scale``, and the optimiser's current rates in proportion."""
+    scaled = [lr * scale for lr in base_lrs]
+    groups = schedule.optimizer.param_groups
+    for group, new, old in zip(groups, scaled, schedule.base_lrs, strict=True):
+        group["lr"] *= new / old
+    schedule.base_lrs = scaled
+    schedule._last_lr = [group["lr"] for group in groups]

@@ -168,6 +168,15 @@ class LiveBar:
         self.bar.close()
 
 
+def console_view(
+    total_steps: int | None, start_step: int = 0, terminal: bool | None = None
+) -> LiveBar | PlainLines:
+    """A live bar from ``start_step`` when ``terminal`` (default: stderr is one), else plain
+    lines."""
+    terminal = sys.stderr.isatty() if terminal is None else terminal
+    return LiveBar(total_steps, start_step) if terminal else PlainLines(total_steps)
+
+
 def run_with_progress(
     run_name: str,
     total_steps: int | None,
@@ -175,10 +184,8 @@ def run_with_progress(
     start_step: int = 0,
     terminal: bool | None = None,
 ) -> T:
-    """``fit()`` while the run's board is shown: a live bar from ``start_step`` when
-    ``terminal`` (default: stderr is one), else plain lines. ``total_steps`` None: the run
-    is timed (``schedule.max_minutes``) and its events carry ``remaining_s``, the ETA."""
-    terminal = sys.stderr.isatty() if terminal is None else terminal
+    """``fit()`` while the run's board is shown (``console_view``). ``total_steps`` None: the
+    run is timed (``schedule.max_minutes``) and its events carry ``remaining_s``, the ETA."""
     board = ProgressBoard.options(
         name=board_name(run_name), namespace=NAMESPACE, get_if_exists=True
     ).remote()
@@ -193,7 +200,7 @@ def run_with_progress(
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
-    view = LiveBar(total_steps, start_step) if terminal else PlainLines(total_steps)
+    view = console_view(total_steps, start_step, terminal)
     try:
         running = True
         while running:

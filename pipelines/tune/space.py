@@ -165,7 +165,7 @@ def load_space(
             try:
                 validate_config(set_dotted(tree, {key: value}))
             except ConfigError as error:
-                detail = str(error).replace("invalid config:\n  ", "")
+                detail = str(error).removeprefix("invalid config:").strip()
                 raise ConfigError(
                     f"invalid search space {path}: params.{key} = {value!r}: {detail}"
                 ) from None

@@ -93,6 +93,7 @@ def pretrain_trial(
     trial_storage: str,
     tracking_uri: str,
     parent_run_id: str | None,
+    verbose: bool = False,
 ) -> None:
     """One trial: the base config with this trial's values, pretrained under the trial's name."""
     trial_id = tune.get_context().get_trial_id()
@@ -101,7 +102,10 @@ def pretrain_trial(
     tree.setdefault("checkpoint", {})["storage_path"] = trial_storage
     tree.setdefault("tracking", {})["tracking_uri"] = tracking_uri
     run_pretraining(
-        validate_config(tree), parent_run_id=parent_run_id, trainer_callbacks=[TuneReportCallback()]
+        validate_config(tree),
+        parent_run_id=parent_run_id,
+        trainer_callbacks=[TuneReportCallback()],
+        verbose=verbose,
     )
 
 
@@ -182,13 +186,14 @@ def run_sweep(
     name: str | None = None,
     storage_path: str = "runs/sweeps",
     address: str | None = None,
+    verbose: bool = False,
 ) -> tuple[list[TrialOutcome], str | None]:
     """Run (or resume) a sweep; returns the trials' outcomes and the best config as YAML."""
     space, base_tree, base = load_space(space_path, overrides)
     sweep = name or f"{Path(space_path).stem}-sweep"
     storage = resolve_path(storage_path)
     tracking_uri = base.tracking.tracking_uri or default_tracking_uri(storage)
-    connect_ray_for(address, base)
+    connect_ray_for(address, base, verbose)
 
     client, parent_run_id = None, None
     try:
@@ -217,6 +222,7 @@ def run_sweep(
             trial_storage=f"{storage}/{sweep}-trials",
             tracking_uri=tracking_uri,
             parent_run_id=parent_run_id,
+            verbose=verbose,
         ),
         TRIAL_DRIVER_RESOURCES,
     )
@@ -340,6 +346,7 @@ def run_command(args: argparse.Namespace) -> int:
             name=args.name,
             storage_path=args.storage_path,
             address=args.address,
+            verbose=args.verbose,
         )
     except ConfigError as error:
         print(f"darkmatter tune: {error}", file=sys.stderr)

@@ -66,3 +66,22 @@ def test_every_command_names_an_importable_handler():
     for target in filter(None, targets):  # None: a handler in pipelines.cli itself (pretrain)
         module, function = target.split(":")
         assert callable(getattr(importlib.import_module(module), function)), target
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["pretrain", "--config", "c.yaml"],
+        ["eval", "random", "--train", "a", "--test", "b"],
+        ["embed", "random", "--data", "a", "--out", "b"],
+        ["inspect", "a"],
+        ["index", "a", "--out", "b"],
+        ["tune", "--space", "s.yaml"],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_every_command_on_ray_takes_verbose_and_address(argv):
+    quiet = build_parser().parse_args(argv)
+    assert quiet.verbose is False and quiet.address is None
+    loud = build_parser().parse_args([*argv, "--verbose", "--address", "10.0.0.1:6379"])
+    assert loud.verbose is True and loud.address == "10.0.0.1:6379"

@@ -61,6 +61,7 @@ def test_overrides_are_typed_and_nested():
             "unknown recipe 'dino'; accepted: byol, ijepa, mae, multicrop, simclr",
         ),
         (["backbone.name=resnet19"], "unknown backbone 'resnet19'"),
+        (["backbone.pool=mean"], "pool 'mean' needs a ViT backbone, not 'resnet18'"),
         (["optim.name=adam"], "optim.name: Input should be 'sgd', 'adamw' or 'lars'"),
         (["data.recipe.overrides.jitter_strength=2"], "unknown override(s) ['jitter_strength']"),
         (["data.knn_bank.path=x"], "knn_bank and knn_query must be given together"),

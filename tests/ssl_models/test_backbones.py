@@ -142,6 +142,20 @@ def test_vit_states_its_patch_grid_and_convnets_have_none():
     assert (resnet.patch_size, resnet.num_patches) == (None, None)
 
 
+def test_mean_pool_is_the_mean_patch_token_and_needs_a_vit():
+    torch.manual_seed(0)
+    vit = build_backbone("vit_tiny", small_image_stem=True, image_size=32, pool="mean").eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features, tokens = vit(images), vit.tokens(images)
+    assert torch.allclose(features, tokens[:, 1:].mean(dim=1))
+    assert not torch.allclose(features, tokens[:, 0])
+    with pytest.raises(ValueError, match="resnet18: pool 'mean' needs a ViT backbone"):
+        build_backbone("resnet18", pool="mean")
+    with pytest.raises(ValueError, match="pool"):
+        build_backbone("vit_tiny", image_size=32, pool="max")
+
+
 def test_vit_tokens_class_token_is_the_pooled_feature():
     vit = _vit_tiny_32()
     state = {k: v.clone() for k, v in vit.model.state_dict().items()}

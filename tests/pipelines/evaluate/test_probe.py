@@ -148,7 +148,8 @@ def test_eval_refuses_what_it_cannot_load(tmp_path, capsys, splits):
     assert "give --backbone and --image-size" in capsys.readouterr().err
     with pytest.raises(ValueError, match="does not fit backbone 'resnet50'"):
         build_frozen_backbone(
-            BackboneSpec("resnet50", False, 32), torch.load(tmp_path / "weights.pt")
+            BackboneSpec("resnet50", False, 32),
+            torch.load(tmp_path / "weights.pt", weights_only=True),
         )
 
 
@@ -171,3 +172,10 @@ def test_eval_of_several_read_units_finishes_on_a_two_cpu_ray(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert set(json.loads(out.read_text())) == set(RESULT_KEYS)
+
+
+def test_the_run_configs_pool_reaches_the_evaluated_backbone():
+    # I-JEPA's recipe evaluates the mean patch token (configs/ijepa_cifar10.yaml).
+    spec = BackboneSpec.from_run_config(REPO / "configs" / "ijepa_cifar10.yaml")
+    assert (spec.name, spec.pool) == ("vit_tiny", "mean")
+    assert build_frozen_backbone(spec, None).pool == "mean"

@@ -6,8 +6,10 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
+from pipelines.ingest.manifest import build_manifest
 from pipelines.ingest.position import POSITION_COLUMNS, DataPosition, row_ids
 from pipelines.ingest.sources import ImageSource, read_raw_rows
 
@@ -76,3 +78,19 @@ def test_a_restored_plan_reads_exactly_the_rows_not_yet_consumed(ray_session):
     # Rows keep their data position: the same (epoch, task, pos) names the same image.
     where = {(r["epoch"], r["task"], r["pos"]): r["key"] for r in first}
     assert all(where[(r["epoch"], r["task"], r["pos"])] == r["key"] for r in rest)
+
+
+def test_a_fully_consumed_position_is_refused_alike_from_a_folder_and_a_manifest(
+    ray_session, tmp_path
+):
+    """Nothing left to read: the same error whether the plan comes from the files or from
+    a manifest (planned in Ray tasks, so checked on the driver from the marker's rows)."""
+    source = ImageSource(str(TRAIN), rows_per_unit=500)
+    everything = read_raw_rows(source, epochs=1, shuffle_seed=5).take_all()
+    position = DataPosition()
+    position.record(row_ids({c: np.array([r[c] for r in everything]) for c in POSITION_COLUMNS}))
+    build_manifest(source, str(tmp_path / "manifest"))
+    manifest = ImageSource(str(tmp_path / "manifest"), format="manifest")
+    for planned in (source, manifest):
+        with pytest.raises(ValueError, match="nothing left to read in 1 epoch"):
+            read_raw_rows(planned, epochs=1, shuffle_seed=5, position=position)

@@ -1,13 +1,17 @@
 """One short `darkmatter pretrain` of the demo config in a subprocess (its own console and
 embedded Ray): the console is ours only, and the MLflow run holds the backbone as a model,
-the data as inputs, where the run came from, and system metrics."""
+the data as inputs, where the run came from, and system metrics. The same run, watched:
+its Ray listens on loopback only, its token file is private, and the secrets in its
+environment appear nowhere it writes."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import os
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -19,8 +23,22 @@ from mlflow.tracking import MlflowClient
 from pipelines.evaluate.inference import load_state_dict, resolve_checkpoint
 from pipelines.tracking import RUN_NAME_TAG
 from ssl_models.backbones import build_backbone
+from tests.sockets import listening_sockets, off_loopback
 
 REPO = Path(__file__).resolve().parents[3]
+# Marker secrets in the run's environment: cloud keys, an S3 endpoint with credentials in
+# it, an MLflow token. None may reach the console, the MLflow store or the run's files.
+SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIADARKMATTERMARKER1",
+    "AWS_SECRET_ACCESS_KEY": "darkmatter-secret-marker-2",
+    "AWS_ENDPOINT_URL": "http://endpointuser3:endpoint-password-marker-4@127.0.0.1:9",
+    "MLFLOW_S3_ENDPOINT_URL": "http://endpointuser3:endpoint-password-marker-4@127.0.0.1:9",
+    "MLFLOW_TRACKING_TOKEN": "mlflow-token-marker-5",
+}
+MARKERS = ("AKIADARKMATTERMARKER1", "secret-marker-2", "endpointuser3", "password-marker-4")
+MARKERS += ("mlflow-token-marker-5",)
+# What the watch saw of the run: its listening sockets, its HOME.
+WATCHED: dict = {}
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +56,28 @@ def demo_run(tmp_path_factory):
         *("--set", f"tracking.tracking_uri={uri}"),
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    done = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *argv],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    console = done.stdout + done.stderr
-    assert done.returncode == 0, console
+    home = tmp / "home"  # where Ray writes its token file
+    home.mkdir()
+    env.update(SECRETS, HOME=str(home))
+    with open(tmp / "console.txt", "w+") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.cli", *argv],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        sockets, deadline = set(), time.monotonic() + 900
+        while process.poll() is None and time.monotonic() < deadline:
+            sockets.update(listening_sockets(process.pid))  # the run's Ray, as it grows
+            time.sleep(1.0)
+        if process.poll() is None:
+            process.kill()
+        out.seek(0)
+        console = out.read()
+    WATCHED.update(sockets=sockets, home=home, files=tmp)
+    assert process.wait() == 0, console
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("darkmatter-demo")
     (run,) = client.search_runs(
@@ -64,6 +94,29 @@ def test_the_console_holds_our_lines_only(demo_run):
     assert "[darkmatter] step 6/6" in console and "ETA" in console
     assert "kNN top-1" in console
     assert len(console.splitlines()) < 20, console
+
+
+def test_a_local_run_listens_on_loopback_only_and_keeps_its_token_private(demo_run):
+    sockets = WATCHED["sockets"]
+    assert {"gcs_server", "raylet"} <= {name for *_, name in sockets}, sockets
+    assert not off_loopback(sorted(sockets)), sorted(off_loopback(sorted(sockets)))
+    token = WATCHED["home"] / ".ray" / "auth_token"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+
+
+def test_no_secret_leaves_the_environment(demo_run):
+    """The console, the MLflow store (database and artifacts), the run folder and its
+    checkpoints, the run's HOME: every byte, searched for each marker."""
+    console = demo_run[0]
+    found = [marker for marker in MARKERS if marker in console]
+    for path in WATCHED["files"].rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            found += [f"{marker} in {path}" for marker in MARKERS if marker.encode() in data]
+    assert not found, found
+    # The search reads what was written: the run's name is there, in the store and in files.
+    assert b"demo-simclr" in (WATCHED["files"] / "mlflow.db").read_bytes()
+    assert any((WATCHED["files"] / "runs").rglob("state.pt"))  # a checkpoint was searched
 
 
 def test_the_backbone_is_an_mlflow_model_with_the_features_of_backbone_pt(demo_run):

@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from pipelines.config import OptimConfig
-from pipelines.train.optim import LARS, build_optimizer, build_schedule, parameter_groups, scaled_lr
+from pipelines.train.optim import (
+    LARS,
+    build_optimizer,
+    build_schedule,
+    parameter_groups,
+    scale_learning_rate,
+    scaled_lr,
+)
 
 
 def test_lr_scales_with_global_batch():
@@ -69,3 +76,29 @@ def test_warmup_longer_than_run_is_refused():
         ValueError, match=r"optim.warmup_steps \(50\) must be shorter than the run \(50 steps\)"
     ):
         build_schedule(optimizer, OptimConfig(warmup_steps=50), total_steps=50)
+
+
+def test_a_restored_schedule_scaled_down_keeps_its_shape():
+    """A restart after non-finite steps: the restored schedule's peak and current rate both
+    take the factor; the cosine goes on from the restored step."""
+    model = nn.Linear(4, 2)
+    config = OptimConfig(name="sgd", base_lr=0.256, warmup_steps=2)
+    optimizer = build_optimizer(model, config, 256)
+    schedule = build_schedule(optimizer, config, 10)
+    built = list(schedule.base_lrs)
+    for _ in range(5):
+        optimizer.step()
+        schedule.step()
+    unscaled = [g["lr"] for g in optimizer.param_groups]
+    scale_learning_rate(schedule, built, 0.5)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([lr / 2 for lr in unscaled])
+    scale_learning_rate(schedule, built, 0.25)  # cumulative scales are given whole, not chained
+    assert schedule.base_lrs == pytest.approx([lr / 4 for lr in built])
+    optimizer.step()
+    schedule.step()
+    unscaled_optimizer = build_optimizer(nn.Linear(4, 2), config, 256)
+    expected = build_schedule(unscaled_optimizer, config, 10)
+    for _ in range(6):
+        unscaled_optimizer.step()
+        expected.step()
+    assert schedule.get_last_lr() == pytest.approx([lr / 4 for lr in expected.get_last_lr()])

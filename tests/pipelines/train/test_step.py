@@ -97,6 +97,24 @@ def test_nan_loss_skips_the_step_without_touching_the_weights(setup):
     assert progress.nonfinite_total == 1 and policy.in_a_row == 1
 
 
+def test_nan_embeddings_reach_the_policy_instead_of_the_objectives_error(setup):
+    """NaN views give NaN embeddings, which SimCLR's objective refuses (NonFiniteInputError, a
+    ValueError): the step is skipped and counted like a NaN loss, and the NaN batch statistics
+    that forward pass wrote are put back."""
+    model, optimizer, policy, progress = setup
+    step(model, optimizer, policy, progress)
+    before = parameters(model)
+    buffers = {name: b.clone() for name, b in model.named_buffers() if b.is_floating_point()}
+    nan_views = Batch([torch.full((8, 3, 16, 16), float("nan")) for _ in range(2)])
+    result = train_step(model, model, nan_views, optimizer, policy, progress, 0.5)
+    assert not result.finite and result.loss is None and result.output is None
+    assert progress.nonfinite_total == 1 and policy.in_a_row == 1
+    assert all(torch.equal(before[k], p) for k, p in model.named_parameters())
+    for name, buffer in model.named_buffers():
+        if name in buffers:
+            assert torch.equal(buffers[name], buffer), name
+
+
 def test_nonfinite_gradient_with_a_finite_loss_is_skipped_too(setup):
     model, optimizer, policy, progress = setup
     weight = model.backbone.model[0].weight
@@ -122,7 +140,7 @@ def test_k_nonfinite_steps_in_a_row_raise_naming_the_step(setup):
     nan_loss = with_nan_loss(model)
     step(model, optimizer, policy, progress, nan_loss)
     step(model, optimizer, policy, progress, nan_loss)
-    message = r"3 non-finite losses or gradients in a row at step 43 \(3 in all\)"
+    message = r"3 non-finite losses or gradients in a row at step 44 \(3 in all\)"
     with pytest.raises(NonFiniteLossError, match=message):
         step(model, optimizer, policy, progress, nan_loss)
 

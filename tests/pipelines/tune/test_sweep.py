@@ -65,7 +65,7 @@ def children_of(tmp_path: Path, sweep: str):
     return client, parent[0], children
 
 
-def test_four_trial_sweep_is_tracked_as_parent_and_children(ray_session, tmp_path):
+def test_sweep_is_tracked_as_parent_and_children(ray_session, tmp_path):
     space = write_space(
         tmp_path,
         "simclr",
@@ -74,18 +74,18 @@ def test_four_trial_sweep_is_tracked_as_parent_and_children(ray_session, tmp_pat
         collapse={"grace_steps": 100},  # 8-step trials: the collapse stopper judges none
     )
     outcomes, best_yaml = run_sweep(
-        str(space), 4, scheduler="fifo", name="sweep4", storage_path=str(tmp_path / "sweeps")
+        str(space), 2, scheduler="fifo", name="sweep2", storage_path=str(tmp_path / "sweeps")
     )
-    assert len(outcomes) == 4
+    assert len(outcomes) == 2
     assert {o.status for o in outcomes} == {"completed"}
-    client, parent, children = children_of(tmp_path, "sweep4")
-    assert len(children) == 4
+    client, parent, children = children_of(tmp_path, "sweep2")
+    assert len(children) == 2
     assert {c.data.tags[TRIAL_STATUS_TAG] for c in children} == {"completed"}
     assert all("loss" in c.data.metrics for c in children)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.json", "metric_vs_params.png", "best_config.yaml"} <= artifacts
     best = yaml.safe_load(best_yaml)
-    assert best["name"] == "sweep4-best"
+    assert best["name"] == "sweep2-best"
     assert best["optim"]["base_lr"] in [o.params["optim.base_lr"] for o in outcomes]
 
 

@@ -24,9 +24,9 @@ import time
 import ray.data
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
-# 10 ms: at most 100 scheduling steps a second; a task completion waits at most this long
+# 50 ms: at most 20 scheduling steps a second; a task completion waits at most this long
 # beyond Ray's own ray.wait before its output moves on.
-MIN_STEP_S = 0.01
+MIN_STEP_S = 0.05
 
 
 class PacedSchedulingLoop(ExecutionCallback):

@@ -26,6 +26,9 @@ def facts_from_script(script: str, prefix: str, timeout: int) -> dict[str, Any]:
         "RAY_AUTH_TOKEN": secrets.token_hex(32),
         "RAY_USAGE_STATS_ENABLED": "0",
         "PYTHONPATH": str(REPO),
+        # Cluster.add_node writes the head's address to RAY_TMPDIR/ray/ray_current_cluster,
+        # not under the head's temp_dir: on a fresh machine /tmp/ray does not exist yet.
+        "RAY_TMPDIR": str(tmp),
     }
     env.pop("RAY_ADDRESS", None)
     try:

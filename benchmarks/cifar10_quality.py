@@ -70,6 +70,13 @@ METHOD_OPTIONS: dict[str, dict] = {
     "mocov3": {},
 }
 
+# The predictive and latent-variable methods (#15) run on their own configs: a ViT-Tiny in
+# 4 px patches, masks in the data pipeline, their authors' optimisers. Their random-init
+# baseline is the same ViT, evaluated through ``darkmatter eval random`` (kNN and linear).
+OWN_CONFIGS: dict[str, Path] = {
+    name: REPO / "configs" / f"{name}_cifar10.yaml" for name in ("mae", "ijepa", "lvpredict")
+}
+
 
 def load_split(
     data_dir: Path, pattern: str, limit: int | None
@@ -166,15 +173,20 @@ def loop_throughput(
 
 
 def product_config(method_name: str, args: argparse.Namespace, out: Path) -> Path:
-    """``configs/simclr_cifar10_budget.yaml`` for ``method_name`` on the full train shards."""
-    config = yaml.safe_load(BUDGET_CONFIG.read_text())
+    """``configs/simclr_cifar10_budget.yaml`` for ``method_name`` (or the method's own
+    config, ``OWN_CONFIGS``) on the full train shards, for the budget."""
+    own = method_name in OWN_CONFIGS
+    config = yaml.safe_load((OWN_CONFIGS[method_name] if own else BUDGET_CONFIG).read_text())
     config["name"] = f"quality-{method_name}-seed{args.seed}"
-    config["method"] = {"name": method_name, "options": METHOD_OPTIONS[method_name]}
+    if not own:
+        config["method"] = {"name": method_name, "options": METHOD_OPTIONS[method_name]}
     config["data"]["train"]["path"] = [str(f) for f in cifar_files("train-*.parquet", args.data)]
     config["data"]["num_images"] = None
+    for online in ("knn_bank", "knn_query"):  # the probes run once, after, in darkmatter eval
+        config["data"].pop(online, None)
     config["schedule"] = {"max_minutes": args.budget_min}
     config["train"].update(
-        batch_size=args.batch_size,
+        batch_size=batch_size(method_name, args),
         num_workers=args.workers,
         cpus_per_worker=args.cpus_per_worker,
         seed=args.seed,
@@ -185,6 +197,13 @@ def product_config(method_name: str, args: argparse.Namespace, out: Path) -> Pat
     path = out / f"{method_name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def batch_size(method_name: str, args: argparse.Namespace) -> int:
+    """``--batch-size`` for the budget recipe; the own config's batch otherwise."""
+    if method_name in OWN_CONFIGS:
+        return int(yaml.safe_load(OWN_CONFIGS[method_name].read_text())["train"]["batch_size"])
+    return args.batch_size
 
 
 def run_cli(command: list[str], log: Path) -> None:
@@ -214,7 +233,8 @@ def product_run(method_name: str, args: argparse.Namespace, out: Path) -> dict[s
     steps = max(r["step"] for r in records)
     if len(intervals) >= 2:  # from the end of the first interval (past the warm-up) to the last
         first, last = intervals[0], intervals[-1]
-        rate = (last["step"] - first["step"]) * args.batch_size / (last["time"] - first["time"])
+        images = (last["step"] - first["step"]) * batch_size(method_name, args)
+        rate = images / (last["time"] - first["time"])
     else:
         rate = intervals[0]["img_per_s"] if intervals else 0.0
     results_file = out / f"{method_name}_eval.json"
@@ -229,6 +249,24 @@ def product_run(method_name: str, args: argparse.Namespace, out: Path) -> dict[s
     )  # fmt: skip
     results = json.loads(results_file.read_text())
     return {**results, "steps": steps, "img_per_s": rate}
+
+
+def random_init_eval(method_name: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
+    """``darkmatter eval random`` on the backbone of ``method_name``'s own config: the
+    same-architecture baseline its linear probe is read against."""
+    backbone = yaml.safe_load(OWN_CONFIGS[method_name].read_text())["backbone"]
+    pool = backbone.get("pool", "cls")
+    results_file = out / f"random_{backbone['name']}_{pool}_eval.json"
+    if not results_file.exists():
+        train = ",".join(str(f) for f in cifar_files("train-*.parquet", args.data))
+        test = ",".join(str(f) for f in cifar_files("test-*.parquet", args.data))
+        command = [str(DARKMATTER), "eval", "random", "--backbone", backbone["name"]]
+        if backbone.get("small_image_stem"):
+            command.append("--small-image-stem")
+        command += ["--image-size", "32", "--pool", pool, "--train", train, "--test", test]
+        command += ["--json", str(results_file), "--no-mlflow"]
+        run_cli(command, results_file.with_suffix(".log"))
+    return json.loads(results_file.read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,9 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     add_data_argument(parser)
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHOD_OPTIONS]
+    accepted = sorted(METHOD_OPTIONS) + sorted(OWN_CONFIGS)
+    unknown = [m for m in methods if m not in accepted]
     if unknown:
-        parser.error(f"--methods: unknown {unknown}; accepted: {sorted(METHOD_OPTIONS)}")
+        parser.error(f"--methods: unknown {unknown}; accepted: {accepted}")
     out = args.out or Path(tempfile.mkdtemp(prefix="cifar10_quality_"))
     out.mkdir(parents=True, exist_ok=True)
 
@@ -309,21 +348,28 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, dict[str, float]] = {}
     for name in methods:
-        loop_rate = loop_throughput(name, args, train_x, autocast) if args.loop_steps else 0.0
+        timed = args.loop_steps and name in METHOD_OPTIONS  # the loop draws crops, not masks
+        loop_rate = loop_throughput(name, args, train_x, autocast) if timed else 0.0
         note = f"; the in-process loop: {loop_rate:.0f} img/s" if loop_rate else ""
         print(f"{name}: darkmatter pretrain for {args.budget_min:g} min{note}", flush=True)
         result = product_run(name, args, out)
         result["loop_img_per_s"] = loop_rate
         results[name] = result
-        epochs = result["steps"] * args.batch_size / 50_000
+        epochs = result["steps"] * batch_size(name, args) / 50_000
         ratio = (
             f", {result['img_per_s'] / loop_rate:.2f}x the loop's {loop_rate:.0f}"
             if loop_rate
             else ""
         )
+        architecture = args.backbone
+        if name in OWN_CONFIGS:
+            architecture = yaml.safe_load(OWN_CONFIGS[name].read_text())["backbone"]["name"]
+            baseline = random_init_eval(name, args, out)
+            results[f"random_{name}"] = baseline
+            rows.append((f"{architecture} random init ({name}'s)", baseline, "-"))
         rows.append(
             (
-                f"{name} ({args.backbone})",
+                f"{name} ({architecture})",
                 result,
                 f"{result['steps']} steps, {epochs:.1f} epochs, "
                 f"{result['img_per_s']:.0f} img/s{ratio}",
@@ -341,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             probes = f"{100 * value:>6.2f}% {'-':>7} {'-':>7} {'-':>7}"
         print(f"{label:<30} {probes}  {detail}")
-    best = max(results, key=lambda m: results[m]["knn_top1"]) if results else None
+    trained = [m for m in results if not m.startswith("random_")]
+    best = max(trained, key=lambda m: results[m]["knn_top1"]) if trained else None
     print(
         json.dumps(
             {

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Union, get_type_hints
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -21,12 +22,13 @@ from pydantic import (
     Tag,
     ValidationError,
     create_model,
+    field_validator,
     model_validator,
 )
 
 from pipelines.ingest.formats import DecodeOn, SourceFormat
 from pipelines.ingest.masks import MASKS, PatchMask, build_mask_generator
-from pipelines.ingest.recipes import ViewRecipe, recipe_from_dict
+from pipelines.ingest.recipes import RECIPES, ViewRecipe, recipe_from_dict
 from ssl_models.backbones import BACKBONES
 from ssl_models.methods import METHODS, Method, method_options
 
@@ -67,14 +69,27 @@ def resolve_tracking_uri(uri: str | None, base_dir: str | Path | None = None) ->
     return uri
 
 
+def _no_nul(path: str) -> str:
+    """A path or URI the operating system can open: a NUL byte cannot be in one (resolving it
+    would fail later with an error that names no field)."""
+    if "\x00" in path:
+        raise ValueError("a path cannot hold a NUL byte")
+    return path
+
+
+# A local path or a URI, resolved by ``resolve_paths``.
+PathStr = Annotated[str, AfterValidator(_no_nul)]
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Every float of a run is finite: an infinite learning rate or a NaN ratio is a mistake.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SourceConfig(Strict):
     """Where images come from (see ``pipelines.ingest.sources.ImageSource``)."""
 
-    path: str | list[str]
+    path: PathStr | list[PathStr]
     format: SourceFormat = "auto"
     image_column: str = "image"
     label_column: str | None = None
@@ -145,12 +160,16 @@ class BackboneConfig(Strict):
     small_image_stem: bool = False
     pool: Literal["cls", "mean"] = "cls"
 
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        """Refused here, so that the message names ``backbone.name``."""
+        if name not in BACKBONES:
+            raise ValueError(f"unknown backbone {name!r}; accepted: {', '.join(sorted(BACKBONES))}")
+        return name
+
     @model_validator(mode="after")
-    def _known(self) -> BackboneConfig:
-        if self.name not in BACKBONES:
-            raise ValueError(
-                f"unknown backbone {self.name!r}; accepted: {', '.join(sorted(BACKBONES))}"
-            )
+    def _pool_fits(self) -> BackboneConfig:
         if self.pool != "cls" and not self.name.startswith("vit"):
             raise ValueError(f"pool {self.pool!r} needs a ViT backbone, not {self.name!r}")
         return self
@@ -166,6 +185,14 @@ class RecipeConfig(Strict):
     name: str | None = None
     size: int = Field(32, gt=0)
     overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str | None) -> str | None:
+        """Refused here, so that the message names ``data.recipe.name``."""
+        if name is not None and name not in RECIPES:
+            raise ValueError(f"unknown recipe {name!r}; accepted: {', '.join(sorted(RECIPES))}")
+        return name
 
     @model_validator(mode="after")
     def _builds(self) -> RecipeConfig:
@@ -189,11 +216,13 @@ class MaskConfig(Strict):
     ratio: float = Field(0.75, gt=0, lt=1)
     patch_size: int = Field(4, gt=0)
 
-    @model_validator(mode="after")
-    def _known(self) -> MaskConfig:
-        if self.name not in MASKS:
-            raise ValueError(f"unknown mask {self.name!r}; accepted: {', '.join(sorted(MASKS))}")
-        return self
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        """Refused here, so that the message names ``data.mask.name``."""
+        if name not in MASKS:
+            raise ValueError(f"unknown mask {name!r}; accepted: {', '.join(sorted(MASKS))}")
+        return name
 
     def build(self, image_size: int) -> PatchMask:
         return build_mask_generator(self.name, image_size, self.patch_size, self.ratio)
@@ -344,7 +373,7 @@ class TrainConfig(Strict):
 
 class CheckpointConfig(Strict):
     # Ray Train storage: a local path, a mounted shared path (NFS), or a URI (s3://...).
-    storage_path: str = "runs"
+    storage_path: PathStr = "runs"
     # A local storage_path that every node mounts at the same place (NFS, Lustre...).
     # Multi-node runs refuse a local storage_path unless this is set (see pipelines.cluster.placement).
     shared_storage: bool = False
@@ -354,7 +383,7 @@ class CheckpointConfig(Strict):
 
 
 class TrackingConfig(Strict):
-    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else a local sqlite store
+    tracking_uri: PathStr | None = None  # default: MLFLOW_TRACKING_URI, else a local sqlite store
     experiment: str = "darkmatter"
     # CPU, memory, disk, network (and GPU) of rank 0's node in the run, every 10 s.
     system_metrics: bool = True

@@ -25,7 +25,9 @@ shard list), written last: a directory holding the marker is a whole manifest.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import posixpath
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -58,6 +60,23 @@ _DIRS_PER_TASK = 64
 _MAX_IN_FLIGHT = 512
 _FOOTERS_PER_TASK = 64
 _FOOTER_THREADS = 16
+log = logging.getLogger(__name__)
+
+
+def escapes_root(fs: pafs.FileSystem, path: str, root: str | None) -> str | None:
+    """Why a local symlink at `path` is not listed, or None (not a link, or another filesystem).
+
+    A linked directory is never walked (a link to an ancestor would loop forever), and a
+    linked file is read only when it resolves inside `root` (the corpus path given)."""
+    if not isinstance(fs, pafs.LocalFileSystem) or not os.path.islink(path):
+        return None
+    target = os.path.realpath(path)
+    if os.path.isdir(target):
+        return f"symlinked directory {path!r} -> {target!r} is not walked"
+    inside = root is None or os.path.commonpath([target, os.path.realpath(root)]) == (
+        os.path.realpath(root)
+    )
+    return None if inside else f"symlink {path!r} -> {target!r} points outside {root!r}"
 
 
 # --- listing (Ray tasks) ---------------------------------------------------------
@@ -84,8 +103,13 @@ def list_directories(
     exclude: tuple[str, ...] = (),
     part: tuple[pafs.FileSystem, str] | None = None,
     image_extensions: tuple[str, ...] = (),
+    root_paths: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """List each directory of `entries` ((path, root index)) one level deep.
+
+    `root_paths`: the roots by index; a local symlink is skipped (and logged, with the
+    reason, in `skipped`) when it is a directory or resolves outside its root
+    (`escapes_root`).
 
     `roots`: the entries are the paths a user gave (each a file, a directory or
     missing), not known directories. Returns `dirs` (the subdirectories, for the
@@ -100,6 +124,7 @@ def list_directories(
     owners: list[int] = []
     dirs: list[tuple[str, int]] = []
     missing: list[str] = []
+    skipped: list[str] = []
     for path, root in entries:
         if roots:
             info = fs.get_file_info(path)
@@ -112,14 +137,18 @@ def list_directories(
                 owners.append(root)
                 continue
         for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-            if info.type == pafs.FileType.File:
+            reason = escapes_root(fs, info.path, root_paths[root] if root_paths else None)
+            if reason is not None:
+                log.warning("skipped: %s", reason)
+                skipped.append(reason)
+            elif info.type == pafs.FileType.File:
                 paths.append(info.path)
                 sizes.append(info.size)
                 owners.append(root)
             elif info.type == pafs.FileType.Directory and info.path not in exclude:
                 dirs.append((info.path, root))
     table = _sorted_files(paths, sizes, owners)
-    result: dict[str, Any] = {"dirs": sorted(dirs), "missing": missing}
+    result: dict[str, Any] = {"dirs": sorted(dirs), "missing": missing, "skipped": skipped}
     if part is None:
         result["files"] = table
         return result
@@ -170,7 +199,9 @@ def walk(
     limit = _in_flight_limit()
     frontier: deque[tuple[str, int]] = deque()
     in_flight: dict[Any, str | None] = {}
-    options = dict(exclude=tuple(exclude), image_extensions=image_extensions)
+    options = dict(
+        exclude=tuple(exclude), image_extensions=image_extensions, root_paths=tuple(roots)
+    )
 
     def submit(entries: list[tuple[str, int]], is_roots: bool) -> None:
         part_path = None
@@ -225,7 +256,7 @@ def list_files(
 
 
 def parquet_footers(fs: pafs.FileSystem, paths: Sequence[str]) -> list[dict[str, Any]]:
-    """Per file: `names` (its columns) and `groups` ([rows, uncompressed bytes] of each
+    """Per file: `names` (its columns), `types` (column -> Arrow type name) and `groups` ([rows, uncompressed bytes] of each
     row group), read by a few threads (an object store's latency bounds one at a time)."""
 
     def footer(path: str) -> dict[str, Any]:
@@ -235,7 +266,9 @@ def parquet_footers(fs: pafs.FileSystem, paths: Sequence[str]) -> list[dict[str,
             [meta.row_group(g).num_rows, meta.row_group(g).total_byte_size]
             for g in range(meta.num_row_groups)
         ]
-        return {"names": meta.schema.to_arrow_schema().names, "groups": groups}
+        schema = meta.schema.to_arrow_schema()
+        types = {f.name: str(f.type) for f in schema}
+        return {"names": schema.names, "types": types, "groups": groups}
 
     with ThreadPoolExecutor(max_workers=max(1, min(_FOOTER_THREADS, len(paths)))) as pool:
         return list(pool.map(footer, paths))

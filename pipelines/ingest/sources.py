@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import posixpath
 import random
@@ -266,8 +267,18 @@ def _folder_units(
     return units
 
 
-def check_columns(source: ImageSource, names: Sequence[str], where: str) -> None:
-    """`source`'s image and label columns are among `names`, the columns of `where`."""
+# Arrow types of a parquet image column: encoded image bytes.
+_IMAGE_TYPES = ("binary", "large_binary")
+
+
+def check_columns(
+    source: ImageSource,
+    names: Sequence[str],
+    where: str,
+    types: dict[str, str] | None = None,
+) -> None:
+    """`source`'s image and label columns are among `names`, the columns of `where`; with
+    `types` (column -> Arrow type name), the image column holds bytes and labels integers."""
     for field, column in (
         ("image_column", source.image_column),
         ("label_column", source.label_column),
@@ -277,6 +288,20 @@ def check_columns(source: ImageSource, names: Sequence[str], where: str) -> None
                 f"ImageSource.{field}={column!r} is not a column of {where} "
                 f"(columns: {list(names)})"
             )
+    if types is None:
+        return
+    image_type = types.get(source.image_column)
+    if image_type is not None and image_type not in _IMAGE_TYPES:
+        raise ValueError(
+            f"ImageSource.image_column={source.image_column!r} of {where} holds {image_type}, "
+            f"not image bytes ({' or '.join(_IMAGE_TYPES)})"
+        )
+    label_type = types.get(source.label_column) if source.label_column else None
+    if label_type is not None and not label_type.startswith(("int", "uint")):
+        raise ValueError(
+            f"ImageSource.label_column={source.label_column!r} of {where} holds {label_type}, "
+            "not integer class indices"
+        )
 
 
 def _row_group_units(
@@ -308,7 +333,7 @@ def _row_group_units(
 def _parquet_units(source: ImageSource, files: list[str]) -> list[dict[str, Any]]:
     units = []
     for path, footer in zip(files, footers_in_tasks(filesystem(source), files), strict=True):
-        check_columns(source, footer["names"], _key(path, source))
+        check_columns(source, footer["names"], _key(path, source), footer.get("types"))
         groups, first = [], 0
         for index, (rows, size) in enumerate(footer["groups"]):
             groups.append((index, first, rows, size))
@@ -761,13 +786,30 @@ def _read_row_groups(source: ImageSource, task: dict[str, Any]) -> Iterator[pa.T
     return _read_pieces(source, task["pieces"])
 
 
+def unsafe_member(name: str) -> str | None:
+    """Why a tar member's name cannot be a sample key, or None: an absolute name or a `..`
+    part would give a key outside the shard (members are read in memory, never extracted)."""
+    if name.startswith("/") or posixpath.isabs(name):
+        return "an absolute name"
+    if ".." in name.split("/"):
+        return "a '..' part"
+    return None
+
+
 def _webdataset_samples(stream: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group tar members into samples by key: `dir/name.ext` -> key `dir/name`, ext."""
+    """Group tar members into samples by key: `dir/name.ext` -> key `dir/name`, ext.
+    Members with an unsafe name (`unsafe_member`) are skipped and logged."""
     current: str | None = None
     sample: dict[str, bytes] = {}
     with tarfile.open(fileobj=stream, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
+                continue
+            unsafe = unsafe_member(member.name)
+            if unsafe is not None:
+                logging.getLogger(__name__).warning(
+                    "skipped tar member %r: %s", member.name, unsafe
+                )
                 continue
             directory, base = posixpath.split(member.name)
             if "." not in base:

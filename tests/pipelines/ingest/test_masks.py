@@ -150,7 +150,7 @@ def test_config_chooses_the_mask_and_defaults_to_none():
     [
         (
             ["data.mask.name=blocks"],
-            "data.mask: unknown mask 'blocks'; accepted: multiblock, random",
+            "data.mask.name: unknown mask 'blocks'; accepted: multiblock, random",
         ),
         (["data.mask.ratio=1.0"], "data.mask.ratio: Input should be less than 1"),
         (["data.mask.ratio=0"], "data.mask.ratio: Input should be greater than 0"),

@@ -9,6 +9,7 @@ method's own signature, and the view recipe defaults to the one the method decla
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_type_hints
 
@@ -22,7 +23,6 @@ from pydantic import (
     Tag,
     ValidationError,
     create_model,
-    field_validator,
     model_validator,
 )
 
@@ -79,6 +79,18 @@ def _no_nul(path: str) -> str:
 
 # A local path or a URI, resolved by ``resolve_paths``.
 PathStr = Annotated[str, AfterValidator(_no_nul)]
+
+
+def registered(kind: str, registry: Mapping[str, Any]) -> AfterValidator:
+    """A name field that must be a key of ``registry``: refused at the field, so that the
+    message names it (``backbone.name``, ``data.recipe.name``, ``data.mask.name``)."""
+
+    def known(name: str) -> str:
+        if name not in registry:
+            raise ValueError(f"unknown {kind} {name!r}; accepted: {', '.join(sorted(registry))}")
+        return name
+
+    return AfterValidator(known)
 
 
 class Strict(BaseModel):
@@ -156,17 +168,9 @@ class BackboneConfig(Strict):
     """``pool``: a ViT's feature, ``cls`` (class token) or ``mean`` (mean patch token,
     I-JEPA's evaluation); what online kNN, ``eval`` and ``embed`` read."""
 
-    name: str = "resnet18"
+    name: Annotated[str, registered("backbone", BACKBONES)] = "resnet18"
     small_image_stem: bool = False
     pool: Literal["cls", "mean"] = "cls"
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        """Refused here, so that the message names ``backbone.name``."""
-        if name not in BACKBONES:
-            raise ValueError(f"unknown backbone {name!r}; accepted: {', '.join(sorted(BACKBONES))}")
-        return name
 
     @model_validator(mode="after")
     def _pool_fits(self) -> BackboneConfig:
@@ -182,17 +186,9 @@ class RecipeConfig(Strict):
     for one view, the recipe's own arguments such as multicrop's ``local_size``/``n_local``).
     ``RunConfig`` fills in the name, so after validation it is always set."""
 
-    name: str | None = None
+    name: Annotated[str, registered("recipe", RECIPES)] | None = None
     size: int = Field(32, gt=0)
     overrides: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, name: str | None) -> str | None:
-        """Refused here, so that the message names ``data.recipe.name``."""
-        if name is not None and name not in RECIPES:
-            raise ValueError(f"unknown recipe {name!r}; accepted: {', '.join(sorted(RECIPES))}")
-        return name
 
     @model_validator(mode="after")
     def _builds(self) -> RecipeConfig:
@@ -212,17 +208,9 @@ class MaskConfig(Strict):
     ``patch_size`` px, which must divide ``data.recipe.size`` (4 px: an 8x8 grid at 32 px).
     ``multiblock`` (I-JEPA's blocks) has its own published scales: ``ratio`` does not apply."""
 
-    name: str = "random"
+    name: Annotated[str, registered("mask", MASKS)] = "random"
     ratio: float = Field(0.75, gt=0, lt=1)
     patch_size: int = Field(4, gt=0)
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        """Refused here, so that the message names ``data.mask.name``."""
-        if name not in MASKS:
-            raise ValueError(f"unknown mask {name!r}; accepted: {', '.join(sorted(MASKS))}")
-        return name
 
     def build(self, image_size: int) -> PatchMask:
         return build_mask_generator(self.name, image_size, self.patch_size, self.ratio)

@@ -44,6 +44,8 @@ from pipelines.ingest.formats import FORMATS, DecodeOn, SourceFormat
 from pipelines.ingest.listing import MARKER, Manifest, footers_in_tasks, list_files, read_manifest
 from pipelines.ingest.position import POSITION_COLUMNS, DataPosition
 
+log = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
 # `label_column` value for folder trees and path lists: the parent directory names,
 # sorted, give the class indices (torchvision ImageFolder's convention).
@@ -789,7 +791,7 @@ def _read_row_groups(source: ImageSource, task: dict[str, Any]) -> Iterator[pa.T
 def unsafe_member(name: str) -> str | None:
     """Why a tar member's name cannot be a sample key, or None: an absolute name or a `..`
     part would give a key outside the shard (members are read in memory, never extracted)."""
-    if name.startswith("/") or posixpath.isabs(name):
+    if posixpath.isabs(name):
         return "an absolute name"
     if ".." in name.split("/"):
         return "a '..' part"
@@ -807,9 +809,7 @@ def _webdataset_samples(stream: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
                 continue
             unsafe = unsafe_member(member.name)
             if unsafe is not None:
-                logging.getLogger(__name__).warning(
-                    "skipped tar member %r: %s", member.name, unsafe
-                )
+                log.warning("skipped tar member %r: %s", member.name, unsafe)
                 continue
             directory, base = posixpath.split(member.name)
             if "." not in base:
